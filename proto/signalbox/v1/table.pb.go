@@ -461,13 +461,14 @@ type ServicePort struct {
 	// AffinityTimeoutSeconds is the ClientIP session affinity timeout; 0 means
 	// no session affinity.
 	AffinityTimeoutSeconds int32 `protobuf:"varint,12,opt,name=affinity_timeout_seconds,json=affinityTimeoutSeconds,proto3" json:"affinity_timeout_seconds,omitempty"`
-	// ClusterEndpoints serve traffic to the ClusterIP (and external traffic
-	// when ExternalPolicyLocal is false), already filtered by
-	// internalTrafficPolicy, topology hints and the terminating fallback.
+	// ClusterEndpoints serve traffic from inside the cluster (to the
+	// ClusterIP, and pod traffic short-circuited from external destinations),
+	// already filtered by internalTrafficPolicy, topology hints and the
+	// terminating fallback.
 	ClusterEndpoints []*Endpoint `protobuf:"bytes,13,rep,name=cluster_endpoints,json=clusterEndpoints,proto3" json:"cluster_endpoints,omitempty"`
 	// ExternalEndpoints serve traffic from outside the cluster to NodePort,
-	// externalIPs and load balancer IPs. Equal to ClusterEndpoints unless
-	// ExternalPolicyLocal is set.
+	// externalIPs and load balancer IPs, already filtered by
+	// externalTrafficPolicy, topology hints and the terminating fallback.
 	ExternalEndpoints []*Endpoint `protobuf:"bytes,14,rep,name=external_endpoints,json=externalEndpoints,proto3" json:"external_endpoints,omitempty"`
 	// ExternalPolicyLocal is externalTrafficPolicy Local: external traffic goes
 	// to ExternalEndpoints only, keeping the client source address, while
