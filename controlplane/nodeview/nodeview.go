@@ -92,7 +92,7 @@ type Service struct {
 // a Problem when the Service cannot be named in a resource. The slices
 // must be those labelled kubernetes.io/service-name with the Service's name
 // in its namespace; others are reported and ignored.
-func Build(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, opts Options) (*Service, []Problem) {
+func Build(svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, opts Options) (*Service, []Problem) {
 	if svc == nil || !proxied(svc, opts) {
 		return nil, nil
 	}
@@ -104,7 +104,7 @@ func Build(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, opts Option
 		return nil, b.problems
 	}
 	fams := b.parseService()
-	b.parseSlices(fams, slices, opts)
+	b.parseSlices(fams, endpointSlices, opts)
 
 	s := &Service{
 		namespace: svc.Namespace,
@@ -123,12 +123,8 @@ func Build(svc *corev1.Service, slices []*discoveryv1.EndpointSlice, opts Option
 			f.addLocalKeys(s.nodeKeys)
 		}
 	}
-	sortPorts(s.ports)
+	slices.SortFunc(s.ports, func(x, y *portView) int { return cmp.Compare(x.resourceName, y.resourceName) })
 	return s, b.problems
-}
-
-func sortPorts(ports []*portView) {
-	slices.SortFunc(ports, func(x, y *portView) int { return cmp.Compare(x.resourceName, y.resourceName) })
 }
 
 // Key is "namespace/name".

@@ -3,6 +3,7 @@ package nodeview
 import (
 	"bytes"
 	"slices"
+	"strconv"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -163,7 +164,7 @@ func TestResourcesDoNotAlias(t *testing.T) {
 func benchService() (*corev1.Service, []*discoveryv1.EndpointSlice) {
 	var eps []discoveryv1.Endpoint
 	for i := range 10 {
-		eps = append(eps, ep("10.1.0."+string(rune('1'+i)), on("n"+string(rune('1'+i))), zones("z1")))
+		eps = append(eps, ep("10.1.0."+strconv.Itoa(i+1), on("n"+strconv.Itoa(i+1)), zones("z1")))
 	}
 	return service(withNodePort(30080)), []*discoveryv1.EndpointSlice{slice("a", eps...)}
 }
@@ -177,7 +178,10 @@ func BenchmarkBuild(b *testing.B) {
 
 func BenchmarkResources(b *testing.B) {
 	svc, sl := benchService()
-	s, _ := Build(svc, sl, Options{})
+	s, probs := Build(svc, sl, Options{})
+	if len(probs) != 0 {
+		b.Fatal(problemStrings(probs))
+	}
 	n := Node{Name: "n1", Zone: "z1"}
 	for b.Loop() {
 		s.Resources(n)

@@ -183,7 +183,18 @@ func EnsureInitramfs(k Kernel) (string, error) {
 	if err := os.WriteFile(tmp, img, 0o644); err != nil {
 		return "", err
 	}
-	return path, os.Rename(tmp, path)
+	if err := os.Rename(tmp, path); err != nil {
+		return "", err
+	}
+	// Older images belong to older versions of this code. A VM still
+	// booting from one has read it already.
+	old, _ := filepath.Glob(filepath.Join(cache, "initramfs-*.cpio"))
+	for _, o := range old {
+		if o != path {
+			os.Remove(o)
+		}
+	}
+	return path, nil
 }
 
 // cpioWriter writes the "newc" format the kernel unpacks. Uncompressed,

@@ -2,6 +2,19 @@
 // root shared read-only and runs one command inside it. It exists because
 // the development hosts' own kernel has no IPVS and no dummy device, so the
 // IPVS data plane can only be tested in a kernel we bring ourselves.
+//
+// Typical use from a host-side test:
+//
+//	bin, err := vmtest.BuildTestBinary(ctx, "./nodeagent/ipvs")
+//	res, err := vmtest.Run(ctx, vmtest.Options{}, []string{bin, "-test.v"})
+//	// res.ExitCode, res.Output
+//
+// Inside the VM, SIGNALBOX_IN_VM=1 (InVMEnv); tests that need the VM's
+// kernel check it. The root file system is the host's, read-only; /tmp,
+// /run and /dev/shm are empty tmpfs, so binaries and inputs for the VM
+// belong under <repo>/.cache/vmtest. Network is off unless Options.HostPort
+// is set; then the guest (GuestAddr) reaches exactly one host port on
+// 127.0.0.1 by dialing GuestServerAddr, and nothing else.
 package vmtest
 
 import (

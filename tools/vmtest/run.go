@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -30,6 +31,7 @@ type Options struct {
 	HostPort int               // 0: no network at all; else the guest reaches 127.0.0.1:HostPort on the host by dialing GuestServerAddr
 	Stdout   io.Writer         // if set, receives the console (boot and command) live
 	Logf     Logf              // if set, receives setup progress (apt, downloads)
+	Verbose  bool              // boot without "quiet", to debug a VM that does not come up
 }
 
 // Result of a command that ran to completion inside the VM.
@@ -68,6 +70,10 @@ func Run(ctx context.Context, opts Options, argv []string) (Result, error) {
 	}
 	if opts.Timeout <= 0 {
 		opts.Timeout = 10 * time.Minute
+	}
+	if mib, err := memoryMiB(opts.Memory); err != nil || mib < 256 {
+		// Below ~100M the VM hangs silently: the uncompressed kernel alone is 65 MB.
+		return Result{}, fmt.Errorf("vmtest: Memory %q: want at least 256M (as 512M or 2G)", opts.Memory)
 	}
 	if opts.HostPort < 0 || opts.HostPort > 65535 {
 		return Result{}, fmt.Errorf("vmtest: bad HostPort %d", opts.HostPort)
@@ -112,8 +118,20 @@ func Run(ctx context.Context, opts Options, argv []string) (Result, error) {
 	if err := cmd.Start(); err != nil {
 		return Result{}, fmt.Errorf("vmtest: start qemu: %w", err)
 	}
+	// A VM that hangs while booting would otherwise wait for the whole Timeout.
+	started := make(chan struct{})
+	var bootTimedOut atomic.Bool
+	go func() {
+		select {
+		case <-started:
+		case <-time.After(BootTimeout):
+			bootTimedOut.Store(true)
+			cmd.Process.Kill()
+		case <-ctx.Done():
+		}
+	}()
 	con := console{nonce: nonce, live: opts.Stdout, start: start}
-	con.read(stdout, func() {
+	con.read(stdout, func() { close(started) }, func() {
 		// The command is done; poweroff -f should end qemu at once.
 		time.AfterFunc(10*time.Second, func() { cmd.Process.Kill() })
 	})
@@ -121,12 +139,17 @@ func Run(ctx context.Context, opts Options, argv []string) (Result, error) {
 	res := Result{ExitCode: con.exitCode, Output: con.output.String(), BootTime: con.bootTime, Duration: time.Since(start)}
 
 	tailText := con.tail()
+	if strings.TrimSpace(tailText) == "" {
+		tailText = "(empty: nothing reached the serial console; unless Options.Verbose is set, the kernel prints only errors)"
+	}
 	if s := strings.TrimSpace(stderr.String()); s != "" {
 		tailText += "\n--- qemu stderr ---\n" + tail(s, 20)
 	}
 	switch {
 	case con.exited:
 		return res, nil
+	case bootTimedOut.Load():
+		return res, fmt.Errorf("vmtest: VM did not boot within %s; console tail:\n%s", BootTimeout, tailText)
 	case ctx.Err() != nil:
 		return res, fmt.Errorf("vmtest: VM %s after %s (started command: %v); console tail:\n%s",
 			ctxReason(ctx), time.Since(start).Round(time.Millisecond), con.started, tailText)
@@ -137,6 +160,20 @@ func Run(ctx context.Context, opts Options, argv []string) (Result, error) {
 	default:
 		return res, fmt.Errorf("vmtest: VM stopped before the command finished (qemu: %v); console tail:\n%s", waitErr, tailText)
 	}
+}
+
+// memoryMiB parses qemu's -m size: a number with an optional M or G suffix
+// (MiB by default).
+func memoryMiB(m string) (int, error) {
+	mult := 1
+	switch {
+	case strings.HasSuffix(m, "G"):
+		mult, m = 1024, strings.TrimSuffix(m, "G")
+	case strings.HasSuffix(m, "M"):
+		m = strings.TrimSuffix(m, "M")
+	}
+	n, err := strconv.Atoi(m)
+	return n * mult, err
 }
 
 func ctxReason(ctx context.Context) string {
@@ -155,7 +192,7 @@ func qemuArgs(opts Options, k Kernel, initrd, runDir string) []string {
 		"-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
 		"-serial", "stdio", "-no-reboot",
 		"-kernel", k.Image, "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1 vmtest.run=" + runDir,
+		"-append", kernelArgs(opts, runDir),
 		"-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
 	}
 	if opts.HostPort == 0 {
@@ -166,6 +203,14 @@ func qemuArgs(opts Options, k Kernel, initrd, runDir string) []string {
 		GuestServerAddr, opts.HostPort)
 	// romfile= skips the iPXE option ROM: it is not needed and may not be installed.
 	return append(args, "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,romfile=")
+}
+
+func kernelArgs(opts Options, runDir string) string {
+	quiet := "quiet "
+	if opts.Verbose {
+		quiet = ""
+	}
+	return "console=ttyS0 " + quiet + "panic=-1 vmtest.run=" + runDir
 }
 
 // writeRunDir writes the per-run files that init.sh reads through the shared
@@ -246,12 +291,16 @@ type console struct {
 
 const tailLines = 40
 
-func (c *console) read(r io.Reader, onExit func()) {
+// BootTimeout bounds the time from starting qemu to starting the command.
+// A boot takes 3 s on an idle 2-core host and up to ~25 s on a busy one.
+var BootTimeout = 3 * time.Minute
+
+func (c *console) read(r io.Reader, onStart, onExit func()) {
 	br := bufio.NewReader(r)
 	for {
 		line, err := br.ReadString('\n')
 		if line != "" {
-			c.line(strings.TrimRight(line, "\r\n"), onExit)
+			c.line(strings.TrimRight(line, "\r\n"), onStart, onExit)
 		}
 		if err != nil {
 			return
@@ -259,7 +308,7 @@ func (c *console) read(r io.Reader, onExit func()) {
 	}
 }
 
-func (c *console) line(l string, onExit func()) {
+func (c *console) line(l string, onStart, onExit func()) {
 	l = strings.ReplaceAll(l, "\r", "")
 	if c.live != nil {
 		fmt.Fprintln(c.live, l)
@@ -274,6 +323,7 @@ func (c *console) line(l string, onExit func()) {
 		if strings.HasSuffix(l, "VMTEST-START "+c.nonce) {
 			c.started = true
 			c.bootTime = time.Since(c.start)
+			onStart()
 		} else if i := strings.Index(l, "VMTEST-BOOT-FAILED: "); i >= 0 {
 			c.bootFailure = l[i+len("VMTEST-BOOT-FAILED: "):]
 		}

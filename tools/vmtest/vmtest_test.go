@@ -172,21 +172,21 @@ func TestProbeRefusesToRunOnHost(t *testing.T) {
 
 func TestConsoleMarkers(t *testing.T) {
 	c := console{nonce: "n0nce", live: io.Discard, start: time.Now()}
-	var exits int
+	var starts, exits int
 	for _, l := range []string{
 		"[ 1.0] booting", "VMTEST-START other", "VMTEST-START n0nce",
 		"a", "VMTEST-EXIT=0 other", "partialVMTEST-EXIT=42 n0nce", "after",
 	} {
-		c.line(l+"\r", func() { exits++ })
+		c.line(l+"\r", func() { starts++ }, func() { exits++ })
 	}
-	if !c.started || !c.exited || c.exitCode != 42 || exits != 1 {
-		t.Fatalf("started %v exited %v code %d exits %d", c.started, c.exited, c.exitCode, exits)
+	if !c.started || !c.exited || c.exitCode != 42 || starts != 1 || exits != 1 {
+		t.Fatalf("started %v exited %v code %d starts %d exits %d", c.started, c.exited, c.exitCode, starts, exits)
 	}
 	if want := "a\nVMTEST-EXIT=0 other\npartial"; c.output.String() != want {
 		t.Errorf("output %q, want %q", c.output.String(), want)
 	}
 	f := console{nonce: "n"}
-	f.line("VMTEST-BOOT-FAILED: mount of the host root over 9p", nil)
+	f.line("VMTEST-BOOT-FAILED: mount of the host root over 9p", nil, nil)
 	if f.bootFailure != "mount of the host root over 9p" || f.started {
 		t.Errorf("boot failure %q started %v", f.bootFailure, f.started)
 	}

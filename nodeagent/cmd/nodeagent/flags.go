@@ -27,6 +27,7 @@ type options struct {
 	logLevel          string
 	iptablesBackend   string
 	masqueradeBit     int
+	ipvsScheduler     string
 }
 
 // envPrefix: every flag falls back to SIGNALBOX_<FLAG_NAME> (dashes become
@@ -54,6 +55,7 @@ func parseFlags(args []string, getenv func(string) string) (options, error) {
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every kernel object the agent owns for --mode, then exit")
 	fs.StringVar(&nodePortAddresses, "node-port-addresses", "", "comma-separated CIDRs whose node addresses serve health check node ports (default: from the control plane, else all)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", "", "iptables-legacy or iptables-nft; empty detects the one the node already uses")
+	fs.StringVar(&o.ipvsScheduler, "ipvs-scheduler", "rr", "IPVS scheduler for --mode ipvs: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh (what the kernel offers)")
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", 14, "the fwmark bit that marks packets to masquerade, as kube-proxy's flag")
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")

@@ -56,6 +56,7 @@ func run(args []string, getenv func(string) string) int {
 		nodePortAddresses: opts.nodePortAddresses,
 		iptablesBackend:   opts.iptablesBackend,
 		masqueradeBit:     opts.masqueradeBit,
+		ipvsScheduler:     opts.ipvsScheduler,
 	})
 	if err != nil {
 		log.Error("cannot start data plane", "mode", opts.mode, "err", err)
@@ -68,6 +69,13 @@ func run(args []string, getenv func(string) string) int {
 		}
 		log.Info("removed every kernel object the agent owns", "mode", opts.mode)
 		return 0
+	}
+	// A node switched from another mode must not keep that mode's rules
+	// next to the new ones. This is the one start-up step that removes
+	// rules, and it removes only the other mode's.
+	if err := cleanupOtherModes(context.Background(), opts.mode, log); err != nil {
+		log.Error("cannot remove the previous mode's state", "err", err)
+		return 1
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

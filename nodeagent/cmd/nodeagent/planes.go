@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
+	"os"
 	"fmt"
 	"log/slog"
 
 	"github.com/signalbox/signalbox/nodeagent/dataplane"
 	"github.com/signalbox/signalbox/nodeagent/dataplane/iptables"
+	"github.com/signalbox/signalbox/nodeagent/dataplane/ipvs"
 )
 
 type planeOptions struct {
@@ -17,6 +20,7 @@ type planeOptions struct {
 	// whichever the node's other components already use.
 	iptablesBackend string
 	masqueradeBit   int
+	ipvsScheduler   string
 }
 
 // modes lists every mode the flag accepts, built into this binary or not,
@@ -40,9 +44,50 @@ func newPlane(ctx context.Context, mode string, o planeOptions) (dataplane.Plane
 			cfg.NodePortAddresses = o.nodePortAddresses
 		}
 		return iptables.New(ctx, cfg)
-	case "ipvs", "nftables":
+	case "ipvs":
+		return ipvs.New(ipvs.Config{
+			Scheduler:     o.ipvsScheduler,
+			IPTables:      o.iptablesBackend,
+			MasqueradeBit: o.masqueradeBit,
+		})
+	case "nftables":
 		return nil, fmt.Errorf("mode %q is not available in this build yet", mode)
 	default:
 		return nil, fmt.Errorf("unknown mode %q: want one of %v", mode, modes)
 	}
+}
+
+// cleanupOtherModes removes what another mode left on this node, as
+// kube-proxy does when its mode changes. The iptables plane's cleanup
+// spares the IPVS plane's SBX-IPVS chains, so it is safe to run on every
+// start in ipvs mode; the IPVS cleanup runs only when IPVS state exists,
+// because opening IPVS loads the ip_vs module.
+func cleanupOtherModes(ctx context.Context, mode string, log *slog.Logger) error {
+	var errs []error
+	if mode != "iptables" {
+		p, err := iptables.New(ctx, iptables.Config{Logger: log})
+		if err == nil {
+			err = p.Cleanup(ctx)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("iptables mode cleanup: %w", err))
+		}
+	}
+	if mode != "ipvs" && ipvsStatePresent() {
+		log.Info("removing IPVS state left by a previous ipvs-mode agent")
+		p, err := ipvs.New(ipvs.Config{})
+		if err == nil {
+			err = p.Cleanup(ctx)
+			p.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("ipvs mode cleanup: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func ipvsStatePresent() bool {
+	_, err := os.Stat("/sys/class/net/" + ipvs.DummyDevice)
+	return err == nil
 }

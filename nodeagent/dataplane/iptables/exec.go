@@ -64,8 +64,12 @@ func restore(ctx context.Context, cmds commands, wait int, input []byte) error {
 	if err == nil {
 		return nil
 	}
-	// Point at the offending line: the error goes back to the control
-	// plane in the NACK, where nobody can rerun the command.
+	return restoreError(err, input)
+}
+
+// restoreError points at the offending input line: the error goes back to
+// the control plane in the NACK, where nobody can rerun the command.
+func restoreError(err error, input []byte) error {
 	if m := restoreErrLine.FindStringSubmatch(err.Error()); m != nil {
 		n, _ := strconv.Atoi(m[1])
 		if lines := bytes.Split(input, []byte("\n")); n >= 1 && n <= len(lines) {
@@ -119,30 +123,36 @@ func ruleChain(line string) string {
 	return f[1]
 }
 
-// ruleTarget returns the -j/-g target of a saved rule, skipping quoted
-// comment text.
-func ruleTarget(line string) string {
+// tokens splits a saved rule into arguments, as a shell would split it:
+// double quotes group (our comments never hold quotes or backslashes).
+func tokens(line string) []string {
 	var toks []string
-	inQuote := false
-	start := -1
-	for i, c := range line + " " {
+	var cur strings.Builder
+	inQuote, inTok := false, false
+	for _, c := range line {
 		switch {
 		case c == '"':
-			inQuote = !inQuote
-			if start < 0 {
-				start = i
-			}
+			inQuote, inTok = !inQuote, true
 		case c == ' ' && !inQuote:
-			if start >= 0 {
-				toks = append(toks, line[start:i])
-				start = -1
+			if inTok {
+				toks = append(toks, cur.String())
+				cur.Reset()
+				inTok = false
 			}
 		default:
-			if start < 0 {
-				start = i
-			}
+			cur.WriteRune(c)
+			inTok = true
 		}
 	}
+	if inTok {
+		toks = append(toks, cur.String())
+	}
+	return toks
+}
+
+// ruleTarget returns the -j/-g target of a saved rule.
+func ruleTarget(line string) string {
+	toks := tokens(line)
 	for i := 0; i+1 < len(toks); i++ {
 		if toks[i] == "-j" || toks[i] == "-g" {
 			return toks[i+1]
@@ -199,48 +209,4 @@ func DetectBackend(ctx context.Context) (string, error) {
 		return BackendNFT, nil
 	}
 	return BackendLegacy, nil
-}
-
-// Hairpin sets: one hash:ip,port,ip per family, matched as dst,dst,src.
-// maxelem is well above the 65536 default: one entry per endpoint.
-func hairpinCreate(f family) string {
-	inet := "inet"
-	if f == v6 {
-		inet = "inet6"
-	}
-	return "create " + hairpinSet(f) + " hash:ip,port,ip family " + inet + " hashsize 4096 maxelem 1048576\n"
-}
-
-// ipsetRestore runs one ipset batch; -exist makes create, add and del
-// idempotent.
-func ipsetRestore(ctx context.Context, f family, op string, entries []string, create bool) error {
-	var b bytes.Buffer
-	if create {
-		b.WriteString(hairpinCreate(f))
-	}
-	set := hairpinSet(f)
-	for _, e := range entries {
-		b.WriteString(op + " " + set + " " + e + "\n")
-	}
-	if b.Len() == 0 {
-		return nil
-	}
-	_, err := run(ctx, b.Bytes(), "ipset", "restore", "-exist")
-	return err
-}
-
-// ipsetMembers lists the entries of our hairpin set.
-func ipsetMembers(ctx context.Context, f family) ([]string, error) {
-	out, err := run(ctx, nil, "ipset", "save", hairpinSet(f))
-	if err != nil {
-		return nil, err
-	}
-	var members []string
-	prefix := "add " + hairpinSet(f) + " "
-	for _, line := range strings.Split(string(out), "\n") {
-		if strings.HasPrefix(line, prefix) {
-			members = append(members, strings.TrimSpace(line[len(prefix):]))
-		}
-	}
-	return members, nil
 }

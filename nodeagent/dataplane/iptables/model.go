@@ -5,7 +5,11 @@ import (
 	"encoding/base32"
 	"fmt"
 	"net/netip"
+	"slices"
+	"sort"
 	"strings"
+
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/signalbox/signalbox/proto/signalbox/v1"
 )
@@ -195,14 +199,12 @@ func parseAddr(fam family, s string) (netip.Addr, error) {
 // rule, and the partial-update diff works on sets of rules.
 func parseAddrs(fam family, in []string) ([]netip.Addr, error) {
 	var out []netip.Addr
-	seen := map[netip.Addr]bool{}
 	for _, s := range in {
 		a, err := parseAddr(fam, s)
 		if err != nil {
 			return nil, err
 		}
-		if !seen[a] {
-			seen[a] = true
+		if !slices.Contains(out, a) { // lists are short
 			out = append(out, a)
 		}
 	}
@@ -211,7 +213,6 @@ func parseAddrs(fam family, in []string) ([]netip.Addr, error) {
 
 func parsePrefixes(fam family, in []string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
-	seen := map[netip.Prefix]bool{}
 	for _, s := range in {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
@@ -223,8 +224,7 @@ func parsePrefixes(fam family, in []string) ([]netip.Prefix, error) {
 		if !fam.has(p.Addr()) {
 			return nil, fmt.Errorf("%q is not an %s prefix", s, fam)
 		}
-		if !seen[p] {
-			seen[p] = true
+		if !slices.Contains(out, p) {
 			out = append(out, p)
 		}
 	}
@@ -232,8 +232,11 @@ func parsePrefixes(fam family, in []string) ([]netip.Prefix, error) {
 }
 
 func parseEndpoints(fam family, in []*pb.Endpoint) ([]netip.AddrPort, error) {
-	var out []netip.AddrPort
-	seen := map[netip.AddrPort]bool{}
+	out := make([]netip.AddrPort, 0, len(in))
+	var seen map[netip.AddrPort]bool
+	if len(in) > 32 { // a linear scan is cheaper below that
+		seen = make(map[netip.AddrPort]bool, len(in))
+	}
 	for _, ep := range in {
 		a, err := parseAddr(fam, ep.GetIp())
 		if err != nil {
@@ -244,10 +247,15 @@ func parseEndpoints(fam family, in []*pb.Endpoint) ([]netip.AddrPort, error) {
 			return nil, fmt.Errorf("endpoint %s: %w", ep.GetIp(), err)
 		}
 		ap := netip.AddrPortFrom(a, uint16(p))
-		if !seen[ap] {
+		if seen != nil {
+			if seen[ap] {
+				continue
+			}
 			seen[ap] = true
-			out = append(out, ap)
+		} else if slices.Contains(out, ap) {
+			continue
 		}
+		out = append(out, ap)
 	}
 	return out, nil
 }
@@ -343,4 +351,77 @@ func prefixesOf(fam family, in []string) ([]netip.Prefix, error) {
 		}
 	}
 	return out, nil
+}
+
+// serviceNames lists the ServicePort resources of one family, sorted so
+// that the output is deterministic.
+func serviceNames(t pb.Table, fam family) []string {
+	names := make([]string, 0, len(t))
+	for name, r := range t {
+		if sp := r.GetServicePort(); sp != nil && sp.GetFamily() == fam.proto() {
+			names = append(names, name)
+		}
+	}
+	sort.Strings(names)
+	return names
+}
+
+// checkBodies rejects resources the per-family passes would skip
+// silently: no body, or a ServicePort without a family.
+func checkBodies(prev, next pb.Table, full bool) error {
+	for name, r := range next {
+		if !full {
+			if p, ok := prev[name]; ok && sameResource(p, r) {
+				continue
+			}
+		}
+		switch {
+		case r.GetNodeSettings() != nil:
+		case r.GetServicePort() == nil:
+			return fmt.Errorf("resource %q has no known body", name)
+		default:
+			if _, ok := familyOf(r.GetServicePort().GetFamily()); !ok {
+				return fmt.Errorf("resource %q: no IP family", name)
+			}
+		}
+	}
+	return nil
+}
+
+// sameResource compares by hash, the resource's version; resources built
+// without one (tests, tools) are compared by content.
+func sameResource(a, b *pb.Resource) bool {
+	if a.GetHash() != "" || b.GetHash() != "" {
+		return a.GetHash() == b.GetHash()
+	}
+	return proto.Equal(a, b)
+}
+
+func familyService(t pb.Table, name string, fam family) *pb.ServicePort {
+	sp := t[name].GetServicePort()
+	if sp == nil || sp.GetFamily() != fam.proto() {
+		return nil
+	}
+	return sp
+}
+
+// changedNames lists the family's service ports whose hash differs between
+// the tables, including added and removed ones.
+func changedNames(prev, next pb.Table, fam family) []string {
+	var out []string
+	for name, r := range next {
+		if p, ok := prev[name]; ok && sameResource(p, r) {
+			continue
+		}
+		if familyService(next, name, fam) != nil || familyService(prev, name, fam) != nil {
+			out = append(out, name)
+		}
+	}
+	for name := range prev {
+		if _, ok := next[name]; !ok && familyService(prev, name, fam) != nil {
+			out = append(out, name)
+		}
+	}
+	sort.Strings(out)
+	return out
 }

@@ -61,7 +61,7 @@ func newPlane(t testing.TB, backend string, cfg Config) *Plane {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(p.ct.Close)
+	t.Cleanup(p.Close)
 	return p
 }
 
@@ -101,19 +101,10 @@ func cleanSave(t testing.TB, cmds commands) string {
 // other chains that jump into SBX chains (under "table CHAIN").
 type state map[string][]string
 
-// isTop reports whether a chain holds rows of many services, whose order
-// carries no meaning (new rows are inserted at the top).
+// isTop reports whether a "table chain" key is a dispatch chain.
 func isTop(key string) bool {
-	for _, tc := range topChains {
-		table := "filter"
-		if tc.nat {
-			table = "nat"
-		}
-		if key == table+" "+tc.chain {
-			return true
-		}
-	}
-	return false
+	table, chain, _ := strings.Cut(key, " ")
+	return isDispatch(table, chain)
 }
 
 func (s state) normalized() state {

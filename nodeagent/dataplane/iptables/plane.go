@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,9 +22,9 @@ import (
 var _ dataplane.Plane = (*Plane)(nil)
 
 // jump is a rule in a built-in chain that sends traffic into ours. These
-// are the only rules we own outside our chains; they are inserted one by
-// one because a restore would have to declare, and so flush, the built-in
-// chain.
+// are the only rules we own outside our chains. Sync inserts the missing
+// ones (-I, top of the chain) in the same transaction as the chains; a
+// restore must never declare a built-in chain, which would flush it.
 type jump struct {
 	table, chain, target string
 	newOnly              bool
@@ -63,9 +63,11 @@ func (j jump) saveLine() string {
 	return s + `-m comment --comment "` + j.comment + `" -j ` + j.target
 }
 
-// Plane programs the node's iptables. It acts in the network namespace
-// that was current when New ran, as long as it is called from the same
-// OS thread (the agent runs in the node's namespace; tests lock a thread).
+// Plane programs the node's iptables through the iptables-restore family
+// of tools. The tools run in the network namespace of the calling OS
+// thread, and the conntrack socket is opened by New in the namespace
+// current then: the agent runs in the node's namespace; tests lock a
+// thread into a namespace of their own before New.
 type Plane struct {
 	cfg     Config
 	backend string
@@ -76,6 +78,8 @@ type Plane struct {
 
 	mu    sync.Mutex
 	rules map[family]int
+	// restores counts iptables-restore runs, for tests and debugging.
+	restores int
 	// hook lets tests tamper with a plan before it runs.
 	hook func(*Plan)
 }
@@ -119,10 +123,14 @@ func New(ctx context.Context, cfg Config) (*Plane, error) {
 // Name implements dataplane.Plane.
 func (p *Plane) Name() string { return p.backend }
 
-// Apply implements dataplane.Plane: one iptables-restore per family, IPv4
-// first. If IPv6 is refused after IPv4 went in, IPv4 is moved back with the
-// reverse plan (next to prev), so the kernel holds prev in both families.
-// A nil prev is a Sync.
+// Close releases the conntrack socket. The rules stay: the agent fails
+// static.
+func (p *Plane) Close() { p.ct.Close() }
+
+// Apply implements dataplane.Plane. The plan runs as a few table-sized
+// transactions (see runPlan); if one is refused, those already taken are
+// undone with the reverse plan (next to prev), so on error the kernel holds
+// prev in both families. A nil prev is a Sync.
 func (p *Plane) Apply(ctx context.Context, prev, next pb.Table) (dataplane.Result, error) {
 	if prev == nil {
 		return p.Sync(ctx, next)
@@ -137,15 +145,9 @@ func (p *Plane) Apply(ctx context.Context, prev, next pb.Table) (dataplane.Resul
 	if p.hook != nil {
 		p.hook(&plan)
 	}
-	var done []family
-	for _, fam := range p.fams {
-		if err := p.applyFamily(ctx, fam, plan.family(fam)); err != nil {
-			if rerr := p.revert(ctx, done, prev, next); rerr != nil {
-				err = errors.Join(err, rerr)
-			}
-			return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, err
-		}
-		done = append(done, fam)
+	undo := func() (Plan, error) { return Render(next, prev, p.cfg) }
+	if err := p.runPlan(ctx, &plan, undo); err != nil {
+		return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, err
 	}
 	for _, fam := range p.fams {
 		if fp := plan.family(fam); plan.Full {
@@ -158,86 +160,12 @@ func (p *Plane) Apply(ctx context.Context, prev, next pb.Table) (dataplane.Resul
 	return dataplane.Result{Rules: p.total(), Duration: time.Since(start), ConntrackCleaned: cleaned}, nil
 }
 
-func (p *Plane) revert(ctx context.Context, done []family, prev, next pb.Table) error {
-	if len(done) == 0 {
-		return nil
-	}
-	back, err := Render(next, prev, p.cfg)
-	if err != nil {
-		return fmt.Errorf("iptables: render revert: %w", err)
-	}
-	for _, fam := range done {
-		if err := p.applyFamily(ctx, fam, back.family(fam)); err != nil {
-			// Both families cannot be put back; the agent's periodic Sync
-			// will converge them.
-			return fmt.Errorf("iptables: revert %s: %w", fam, err)
-		}
-	}
-	return nil
-}
-
-// applyFamily runs one family's plan: set entries the rules need, the
-// rules (one transaction), then set entries nothing needs any more.
-func (p *Plane) applyFamily(ctx context.Context, fam family, fp *FamilyPlan) error {
-	if fp == nil || fp.Empty() {
-		return nil
-	}
-	if fp.Full || len(fp.HairpinAdd) > 0 {
-		if err := ipsetRestore(ctx, fam, "add", fp.HairpinAdd, true); err != nil {
-			return fmt.Errorf("iptables: %s hairpin set: %w", fam, err)
-		}
-	}
-	if input := fp.Restore(); len(input) > 0 {
-		if err := restore(ctx, commandsFor(p.backend, fam), p.cfg.WaitSeconds, input); err != nil {
-			if rerr := ipsetRestore(ctx, fam, "del", fp.HairpinFresh, false); rerr != nil {
-				p.log.Warn("iptables: could not roll back hairpin set entries", "family", fam, "err", rerr)
-			}
-			return fmt.Errorf("iptables: %s: %w", fam, err)
-		}
-	}
-	// The rules are in: failures from here on leave harmless extra set
-	// entries, so they are logged, not returned (the kernel holds next).
-	del := fp.HairpinDel
-	if fp.Full {
-		members, err := ipsetMembers(ctx, fam)
-		if err != nil {
-			p.log.Warn("iptables: could not list hairpin set", "family", fam, "err", err)
-		}
-		want := make(map[string]bool, len(fp.HairpinAdd))
-		for _, e := range fp.HairpinAdd {
-			want[e] = true
-		}
-		for _, m := range members {
-			if !want[normalizeEntry(m)] {
-				del = append(del, m)
-			}
-		}
-	}
-	if err := ipsetRestore(ctx, fam, "del", del, false); err != nil {
-		p.log.Warn("iptables: could not remove stale hairpin set entries", "family", fam, "err", err)
-	}
-	return nil
-}
-
-// normalizeEntry rewrites an entry as ipset prints it into our format, so
-// that IPv6 spelling differences never count as a difference.
-func normalizeEntry(e string) string {
-	f := strings.Split(e, ",")
-	if len(f) != 3 {
-		return e
-	}
-	a, err := netip.ParseAddr(f[0])
-	proto, port, ok := strings.Cut(f[1], ":")
-	n, perr := strconv.Atoi(port)
-	if err != nil || !ok || perr != nil {
-		return e
-	}
-	return hpKey{a, proto, uint16(n)}.String()
-}
-
 // Sync implements dataplane.Plane: a full render, plus deletion of stale
 // SBX service chains found in the kernel (left by a previous run), plus
-// the jump rules from the built-in chains if they are missing.
+// the jump rules from the built-in chains if they are missing. When the
+// kernel already holds every chain as rendered, only missing jumps are
+// written. A refused Sync is not undone: what the kernel held before is
+// unknown; the next Sync converges.
 func (p *Plane) Sync(ctx context.Context, t pb.Table) (dataplane.Result, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -267,13 +195,18 @@ func (p *Plane) Sync(ctx context.Context, t pb.Table) (dataplane.Result, error) 
 	}
 	for _, fam := range p.fams {
 		fp := plan.family(fam)
-		if err := p.applyFamily(ctx, fam, fp); err != nil {
-			return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, err
+		if fp.heldBy(saved[fam]) {
+			p.log.Debug("iptables: kernel already holds the table", "family", fam)
+			fp = &FamilyPlan{Family: fp.Family, Rules: fp.Rules}
+			plan.setFamily(fam, fp)
 		}
-		p.rules[fam] = fp.Rules + p.jumpCount()
-		if err := p.ensureJumps(fam, saved[fam]); err != nil {
-			return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, err
-		}
+		addMissingJumps(fp, saved[fam])
+	}
+	if err := p.runPlan(ctx, &plan, nil); err != nil {
+		return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, err
+	}
+	for _, fam := range p.fams {
+		p.rules[fam] = plan.family(fam).Rules + p.jumpCount()
 	}
 	cleaned := p.cleanConntrack(conntrack.Targets(nil, t))
 	return dataplane.Result{Rules: p.total(), Duration: time.Since(start), ConntrackCleaned: cleaned}, nil
@@ -281,59 +214,66 @@ func (p *Plane) Sync(ctx context.Context, t pb.Table) (dataplane.Result, error) 
 
 func (p *Plane) jumpCount() int { return len(jumps) }
 
-// ensureJumps inserts the jump rules that the save taken before the
-// restore did not show. Their chains exist now: the restore declared them.
-func (p *Plane) ensureJumps(fam family, saved map[string]*savedTable) error {
+// addMissingJumps puts the jumps the save did not show into the plan's
+// transaction, next to the chains they lead to.
+func addMissingJumps(fp *FamilyPlan, saved map[string]*savedTable) {
 	for _, j := range jumps {
-		present := false
-		if t := saved[j.table]; t != nil {
-			for _, r := range t.rules {
-				if r == j.saveLine() {
-					present = true
-					break
-				}
-			}
-		}
-		if present {
+		if t := saved[j.table]; t != nil && slices.Contains(t.rules, j.saveLine()) {
 			continue
 		}
-		if err := p.ipt[fam].Insert(j.table, j.chain, 1, j.args()...); err != nil {
-			return fmt.Errorf("iptables: %s: jump %s/%s -> %s: %w", fam, j.table, j.chain, j.target, err)
+		sec := &fp.filter
+		if j.table == "nat" {
+			sec = &fp.nat
 		}
+		sec.jumps = append(sec.jumps, "-I"+j.saveLine()[2:]+"\n"...)
 	}
-	return nil
 }
 
 // Check reports what is missing of the rules the plane owns: the jumps
-// from the built-in chains and the fixed rules of the top-level chains,
-// i.e. what a flush by another tool removes. It reads only; the agent
-// answers an error with Sync.
+// from the built-in chains and fixed rules of the top-level chains, i.e.
+// what a flush by another tool removes. It reads only; the agent answers
+// an error with Sync. It stays cheap at scale: iptables-legacy loads a
+// whole table per command, so all probes go through one
+// "iptables-restore --test" run; iptables-nft checks one chain at a time.
 func (p *Plane) Check(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	mark := "0x" + strconv.FormatUint(uint64(p.cfg.MasqueradeMark), 16)
-	canaries := []struct {
-		table, chain string
-		args         []string
-	}{
-		{"nat", chainMarkMasq, []string{"-j", "MARK", "--set-xmark", mark + "/" + mark}},
-		{"nat", chainPostrouting, []string{"-m", "comment", "--comment", "signalbox service traffic requiring SNAT", "-j", "MASQUERADE", "--random-fully"}},
-		{"filter", chainForward, []string{"-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"}},
+	probes := []struct{ table, line string }{
+		{"nat", "-A " + chainMarkMasq + " -j MARK --set-xmark " + mark + "/" + mark},
+		{"nat", "-A " + chainPostrouting + ` -m comment --comment "signalbox service traffic requiring SNAT" -j MASQUERADE --random-fully`},
+		{"filter", "-A " + chainForward + " -m conntrack --ctstate INVALID -j DROP"},
+	}
+	for _, j := range jumps {
+		probes = append(probes, struct{ table, line string }{j.table, j.saveLine()})
 	}
 	var missing []string
 	for _, fam := range p.fams {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		ipt := p.ipt[fam]
-		for _, j := range jumps {
-			if ok, err := ipt.Exists(j.table, j.chain, j.args()...); err != nil || !ok {
-				missing = append(missing, fmt.Sprintf("%s %s/%s -> %s", fam, j.table, j.chain, j.target))
+		if p.backend == BackendLegacy {
+			var b strings.Builder
+			for _, table := range []string{"nat", "filter"} {
+				b.WriteString("*" + table + "\n")
+				for _, pr := range probes {
+					if pr.table == table {
+						b.WriteString("-C" + pr.line[2:] + "\n")
+					}
+				}
+				b.WriteString("COMMIT\n")
 			}
+			cmds := commandsFor(p.backend, fam)
+			_, err := run(ctx, []byte(b.String()), cmds.restore, "--noflush", "--test", "-w", strconv.Itoa(p.cfg.WaitSeconds))
+			if err != nil {
+				missing = append(missing, fmt.Sprintf("%s: %v", fam, restoreError(err, []byte(b.String()))))
+			}
+			continue
 		}
-		for _, c := range canaries {
-			if ok, err := ipt.Exists(c.table, c.chain, c.args...); err != nil || !ok {
-				missing = append(missing, fmt.Sprintf("%s %s/%s rule %s", fam, c.table, c.chain, strings.Join(c.args, " ")))
+		for _, pr := range probes {
+			args := tokens(pr.line)
+			if ok, err := p.ipt[fam].Exists(pr.table, args[1], args[2:]...); err != nil || !ok {
+				missing = append(missing, fmt.Sprintf("%s %s: %s", fam, pr.table, pr.line))
 			}
 		}
 	}
@@ -344,9 +284,9 @@ func (p *Plane) Check(ctx context.Context) error {
 }
 
 // Cleanup implements dataplane.Plane: one transaction per family deletes
-// the jumps from built-in chains into SBX chains and every SBX chain; then
-// the hairpin sets go. Rules in other tools' chains stay, and one of them
-// jumping into an SBX chain makes Cleanup fail rather than touch it.
+// the jumps from built-in chains into SBX chains and every SBX chain.
+// Rules in other tools' chains stay, and one of them jumping into an SBX
+// chain makes Cleanup fail rather than touch it.
 func (p *Plane) Cleanup(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -367,12 +307,12 @@ func (p *Plane) Cleanup(ctx context.Context) error {
 			}
 			var sec section
 			for _, r := range t.rules {
-				if t.builtin[ruleChain(r)] && strings.HasPrefix(ruleTarget(r), "SBX-") {
+				if t.builtin[ruleChain(r)] && ownChain(ruleTarget(r)) {
 					sec.del = append(sec.del, "-D"+r[2:]+"\n"...)
 				}
 			}
 			for _, c := range t.chains {
-				if strings.HasPrefix(c, "SBX-") && !t.builtin[c] {
+				if ownChain(c) && !t.builtin[c] {
 					sec.deleteChain(c)
 				}
 			}
@@ -383,9 +323,6 @@ func (p *Plane) Cleanup(ctx context.Context) error {
 				errs = append(errs, fmt.Errorf("iptables: %s cleanup: %w", fam, err))
 				continue
 			}
-		}
-		if _, err := run(ctx, nil, "ipset", "destroy", hairpinSet(fam)); err != nil && !strings.Contains(err.Error(), "does not exist") {
-			errs = append(errs, fmt.Errorf("iptables: %s cleanup: %w", fam, err))
 		}
 		p.rules[fam] = 0
 	}
@@ -417,4 +354,11 @@ func (p *Plane) cleanConntrack(targets []conntrack.Target) int {
 		p.log.Warn("iptables: conntrack cleanup incomplete", "deleted", n, "err", err)
 	}
 	return n
+}
+
+// ownChain reports whether this plane owns a chain: every SBX- chain except
+// the IPVS plane's SBX-IPVS- ones, so a cleanup on an IPVS node (a mode
+// switch, or --cleanup of the iptables mode) leaves IPVS traffic alone.
+func ownChain(name string) bool {
+	return strings.HasPrefix(name, "SBX-") && !strings.HasPrefix(name, "SBX-IPVS")
 }

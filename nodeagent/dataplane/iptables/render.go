@@ -2,8 +2,19 @@
 // tables to iptables-restore input (Render) and a thin executor that runs
 // it (Plane). Behaviour follows upstream kube-proxy's iptables mode, with
 // fewer rules: endpoints are DNATed straight from the service chain and
-// hairpin traffic is caught by one ipset match instead of a rule per
+// hairpin traffic is caught by one static rule instead of a rule per
 // endpoint.
+//
+// Per service port: a dispatch row per captured address (ClusterIP,
+// external IP, load balancer IP, NodePort), one rule masquerading
+// off-cluster ClusterIP traffic, one DNAT rule per endpoint (two with
+// session affinity), and two to five rules in EXT and FW chains when the
+// service is reachable from outside. Upstream spends three rules per
+// endpoint (four with affinity).
+//
+// Beyond what upstream needs, the kernel must have the bpf match (xt_bpf,
+// CONFIG_NETFILTER_XT_MATCH_BPF; Debian's kernels build it as a module),
+// for the hairpin rule.
 package iptables
 
 import (
@@ -11,10 +22,9 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
-	"net/netip"
 	"slices"
-	"sort"
 	"strconv"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 
@@ -84,18 +94,21 @@ func (p *Plan) family(f family) *FamilyPlan {
 	return p.V4
 }
 
-// FamilyPlan is one family's part of a Plan: one iptables-restore
-// --noflush input and the hairpin set changes around it.
+func (p *Plan) setFamily(f family, fp *FamilyPlan) {
+	if f == v6 {
+		p.V6 = fp
+	} else {
+		p.V4 = fp
+	}
+}
+
+// FamilyPlan is one family's part of a Plan: iptables-restore --noflush
+// input for the filter and nat tables.
 type FamilyPlan struct {
 	Family pb.IPFamily
 	Full   bool
 	filter section
 	nat    section
-	// HairpinAdd entries go into the set before the rules that need them;
-	// on a full plan they are the whole set. HairpinDel entries leave it
-	// after the rules succeeded. HairpinFresh are the added entries that were
-	// not in the set before, to remove again if the rules are refused.
-	HairpinAdd, HairpinDel, HairpinFresh []string
 	// Rules is, for a full plan, the number of rules in our chains after it;
 	// for a partial plan, the change in that number.
 	Rules int
@@ -112,8 +125,14 @@ type section struct {
 	rows     []byte
 	tail     []byte // rules that must stay below every row
 	body     []byte
+	jumps    []byte // into our chains from built-in ones (Sync only)
 	drop     []string
+	// marks are service boundaries in decl and body, kept by full renders
+	// so that the executor can cut the nat table into several commits.
+	marks []boundary
 }
+
+type boundary struct{ decl, body int }
 
 func (s *section) declare(chain string) {
 	if s.declared == nil {
@@ -133,7 +152,7 @@ func (s *section) deleteChain(chain string) {
 
 func (s *section) empty() bool {
 	return len(s.decl) == 0 && len(s.del) == 0 && len(s.head) == 0 && len(s.rows) == 0 &&
-		len(s.tail) == 0 && len(s.body) == 0
+		len(s.tail) == 0 && len(s.body) == 0 && len(s.jumps) == 0
 }
 
 func (s *section) writeTo(b *bytes.Buffer, table string) {
@@ -149,6 +168,7 @@ func (s *section) writeTo(b *bytes.Buffer, table string) {
 	b.Write(s.rows)
 	b.Write(s.tail)
 	b.Write(s.body)
+	b.Write(s.jumps)
 	for _, c := range s.drop {
 		b.WriteString("-X " + c + "\n")
 	}
@@ -159,7 +179,7 @@ func (s *section) writeTo(b *bytes.Buffer, table string) {
 // family has nothing to change in its rules.
 func (fp *FamilyPlan) Restore() []byte {
 	var b bytes.Buffer
-	b.Grow(len(fp.nat.body) + len(fp.nat.rows) + len(fp.filter.rows) + 4096)
+	b.Grow(len(fp.nat.body) + len(fp.nat.rows) + len(fp.filter.rows) + 40*len(fp.nat.decl) + 4096)
 	fp.filter.writeTo(&b, "filter")
 	fp.nat.writeTo(&b, "nat")
 	return b.Bytes()
@@ -167,7 +187,7 @@ func (fp *FamilyPlan) Restore() []byte {
 
 // Empty reports whether the plan changes nothing for the family.
 func (fp *FamilyPlan) Empty() bool {
-	return fp.filter.empty() && fp.nat.empty() && len(fp.HairpinAdd) == 0 && len(fp.HairpinDel) == 0
+	return fp.filter.empty() && fp.nat.empty()
 }
 
 // owns reports whether the nat chain remains ours after the plan.
@@ -222,20 +242,43 @@ func Render(prev, next pb.Table, cfg Config) (Plan, error) {
 		if err != nil {
 			return Plan{}, err
 		}
-		if fam == v6 {
-			plan.V6 = fp
-		} else {
-			plan.V4 = fp
-		}
+		plan.setFamily(fam, fp)
 	}
 	return plan, nil
 }
 
-func hairpinSet(f family) string {
+// hairpinBPF is a classic BPF program for the bpf match that accepts a
+// packet whose source address equals its destination address. After DNAT
+// that is exactly a pod reaching itself through its service, upstream's
+// per-endpoint "-s EP -j MARK" rule, as one rule for every endpoint: no
+// per-endpoint rule and no ipset to keep in step with the rules.
+// Offsets are into the IP header: IPv4 saddr 12, daddr 16; IPv6 8, 24.
+func hairpinBPF(f family) string {
+	words, src, dst := 1, 12, 16
 	if f == v6 {
-		return "SBX-HAIRPIN-V6"
+		words, src, dst = 4, 8, 24
 	}
-	return "SBX-HAIRPIN-V4"
+	const (
+		ldAbsW = 0x20 // BPF_LD|BPF_W|BPF_ABS: A = word at k
+		tax    = 0x07 // BPF_MISC|BPF_TAX: X = A
+		jeqX   = 0x1d // BPF_JMP|BPF_JEQ|BPF_X: A == X ?
+		retK   = 0x06 // BPF_RET|BPF_K
+	)
+	n := 4*words + 2
+	ins := []string{strconv.Itoa(n)}
+	op := func(code, jt, jf, k int) {
+		ins = append(ins, fmt.Sprintf("%d %d %d %d", code, jt, jf, k))
+	}
+	for i := 0; i < words; i++ {
+		op(ldAbsW, 0, 0, src+4*i)
+		op(tax, 0, 0, 0)
+		op(ldAbsW, 0, 0, dst+4*i)
+		// On a difference jump to the final "return 0".
+		op(jeqX, 0, n-1-(4*i+4), 0)
+	}
+	op(retK, 0, 0, 1)
+	op(retK, 0, 0, 0)
+	return strings.Join(ins, ",")
 }
 
 func loopback(f family) string {
@@ -259,7 +302,9 @@ func renderFull(prev, next pb.Table, st *settings) (*FamilyPlan, error) {
 		*s = append(*s, "-A "+chain+" "+spec+"\n"...)
 		fp.Rules++
 	}
-	fixed(&nat.head, chainPostrouting, "-m set --match-set "+hairpinSet(st.family)+" dst,dst,src -j "+chainMarkMasq)
+	// Hairpin: only DNATed packets, or the node talking to its own
+	// addresses over lo would be masqueraded too.
+	fixed(&nat.head, chainPostrouting, `-m conntrack --ctstate DNAT -m comment --comment "signalbox hairpin" -m bpf --bytecode "`+hairpinBPF(st.family)+`" -j `+chainMarkMasq)
 	fixed(&nat.head, chainPostrouting, "-m mark ! --mark "+mark+"/"+mark+" -j RETURN")
 	// Clear the bit so a packet that traverses the stack again (tunnels) is
 	// not masqueraded twice.
@@ -290,26 +335,28 @@ func renderFull(prev, next pb.Table, st *settings) (*FamilyPlan, error) {
 	fixed(&filter.head, chainForward, `-m comment --comment "signalbox forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`)
 
 	names := serviceNames(next, st.family)
-	hairpin := make(map[hpKey]bool, len(names)*4)
-	nat.body = make([]byte, 0, len(names)*1024)
+	size := 0
+	for _, name := range names {
+		sp := next[name].GetServicePort()
+		size += 400 + 120*(len(sp.GetClusterEndpoints())+len(sp.GetExternalEndpoints()))
+	}
+	nat.body = make([]byte, 0, size)
 	for _, name := range names {
 		s, err := parseServicePort(name, next[name].GetServicePort())
 		if err != nil {
 			return nil, err
 		}
-		r := renderService(s, st)
+		var r *rendered
+		r, nat.body = renderService(s, st, nat.body)
 		for _, c := range r.chains {
 			nat.declare(c)
 		}
+		nat.marks = append(nat.marks, boundary{len(nat.decl), len(nat.body)})
 		for _, rw := range r.rows {
 			sec := fp.section(rw.top)
 			sec.rows = append(sec.rows, "-A "+topChains[rw.top].chain+" "+rw.spec+"\n"...)
 		}
-		nat.body = append(nat.body, r.body...)
 		fp.Rules += r.rules
-		for _, k := range r.hairpin {
-			hairpin[k] = true
-		}
 	}
 	// Settings changed under a known prev: its chains that next does not
 	// declare are stale.
@@ -318,16 +365,25 @@ func renderFull(prev, next pb.Table, st *settings) (*FamilyPlan, error) {
 		if err != nil {
 			continue // it never reached the kernel either
 		}
-		for _, c := range renderService(s, st).chains {
+		r, _ := renderService(s, st, nil)
+		for _, c := range r.chains {
 			if !nat.declared[c] {
 				nat.deleteChain(c)
 			}
 		}
 	}
-	fp.HairpinAdd = hairpinStrings(hairpin)
 	return fp, nil
 }
 
+// renderPartial rewrites the chains of changed services only, and edits
+// the dispatch chains row by row (-D of rows that went, -I/-A of new ones)
+// instead of rewriting them as upstream does. A one-endpoint change is
+// then a restore input of a dozen lines whatever the number of services,
+// which is what makes iptables-nft fast; iptables-legacy still loads and
+// replaces the whole table per commit, so there it saves the rendering
+// and parsing only. The price: -D needs the row exactly as we wrote it.
+// If another tool changed a row, the delta is refused (the kernel keeps
+// prev, the agent NACKs) until the periodic Check/Sync puts it back.
 func renderPartial(prev, next pb.Table, st *settings) (*FamilyPlan, error) {
 	fp := &FamilyPlan{Family: st.family.proto()}
 	nat := &fp.nat
@@ -335,22 +391,21 @@ func renderPartial(prev, next pb.Table, st *settings) (*FamilyPlan, error) {
 	if len(changed) == 0 {
 		return fp, nil
 	}
-	prevHP, nextHP := map[hpKey]bool{}, map[hpKey]bool{}
 	for _, name := range changed {
-		var pr, nr rendered
+		pr, nr := &rendered{}, &rendered{}
 		if sp := familyService(prev, name, st.family); sp != nil {
 			s, err := parseServicePort(name, sp)
 			if err != nil {
 				return nil, fmt.Errorf("previous table: %w", err)
 			}
-			pr = *renderService(s, st)
+			pr, _ = renderService(s, st, nil)
 		}
 		if sp := familyService(next, name, st.family); sp != nil {
 			s, err := parseServicePort(name, sp)
 			if err != nil {
 				return nil, err
 			}
-			nr = *renderService(s, st)
+			nr, nat.body = renderService(s, st, nat.body)
 		}
 		nextRows := make(map[row]bool, len(nr.rows))
 		for _, rw := range nr.rows {
@@ -379,172 +434,12 @@ func renderPartial(prev, next pb.Table, st *settings) (*FamilyPlan, error) {
 		for _, c := range nr.chains {
 			nat.declare(c)
 		}
-		nat.body = append(nat.body, nr.body...)
 		for _, c := range pr.chains {
 			if !slices.Contains(nr.chains, c) {
 				nat.deleteChain(c)
 			}
 		}
 		fp.Rules += nr.rules - pr.rules
-		for _, k := range pr.hairpin {
-			prevHP[k] = true
-		}
-		for _, k := range nr.hairpin {
-			nextHP[k] = true
-		}
 	}
-	planHairpin(fp, prev, next, changed, st.family, prevHP, nextHP)
 	return fp, nil
-}
-
-// planHairpin diffs the set entries of the changed services. An entry can
-// be shared by several services (one pod behind two Services), so removals
-// and rollbacks spare entries an unchanged service still uses.
-func planHairpin(fp *FamilyPlan, prev, next pb.Table, changed []string, fam family, prevHP, nextHP map[hpKey]bool) {
-	added, removed := map[hpKey]bool{}, map[hpKey]bool{}
-	for k := range nextHP {
-		if !prevHP[k] {
-			added[k] = true
-		}
-	}
-	for k := range prevHP {
-		if !nextHP[k] {
-			removed[k] = true
-		}
-	}
-	if len(added) == 0 && len(removed) == 0 {
-		return
-	}
-	inUse := map[hpKey]bool{}
-	isChanged := make(map[string]bool, len(changed))
-	for _, n := range changed {
-		isChanged[n] = true
-	}
-	for name, r := range next {
-		sp := r.GetServicePort()
-		if sp == nil || isChanged[name] || sp.GetFamily() != fam.proto() {
-			continue
-		}
-		proto := protoName(sp.GetProtocol())
-		for _, list := range [][]*pb.Endpoint{sp.GetClusterEndpoints(), sp.GetExternalEndpoints()} {
-			for _, ep := range list {
-				a, err := netip.ParseAddr(ep.GetIp())
-				if err != nil {
-					continue
-				}
-				k := hpKey{a.Unmap(), proto, uint16(ep.GetPort())}
-				if added[k] || removed[k] {
-					inUse[k] = true
-				}
-			}
-		}
-	}
-	fresh, gone := map[hpKey]bool{}, map[hpKey]bool{}
-	for k := range added {
-		if !inUse[k] {
-			fresh[k] = true
-		}
-	}
-	for k := range removed {
-		if !inUse[k] {
-			gone[k] = true
-		}
-	}
-	fp.HairpinAdd = hairpinStrings(added)
-	fp.HairpinFresh = hairpinStrings(fresh)
-	fp.HairpinDel = hairpinStrings(gone)
-}
-
-func protoName(p pb.Protocol) string {
-	switch p {
-	case pb.Protocol_PROTOCOL_TCP:
-		return "tcp"
-	case pb.Protocol_PROTOCOL_UDP:
-		return "udp"
-	case pb.Protocol_PROTOCOL_SCTP:
-		return "sctp"
-	}
-	return ""
-}
-
-func hairpinStrings(m map[hpKey]bool) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k.String())
-	}
-	sort.Strings(out)
-	return out
-}
-
-// serviceNames lists the ServicePort resources of one family, sorted so
-// that the output is deterministic.
-func serviceNames(t pb.Table, fam family) []string {
-	names := make([]string, 0, len(t))
-	for name, r := range t {
-		if sp := r.GetServicePort(); sp != nil && sp.GetFamily() == fam.proto() {
-			names = append(names, name)
-		}
-	}
-	sort.Strings(names)
-	return names
-}
-
-// checkBodies rejects resources the per-family passes would skip
-// silently: no body, or a ServicePort without a family.
-func checkBodies(prev, next pb.Table, full bool) error {
-	for name, r := range next {
-		if !full {
-			if p, ok := prev[name]; ok && sameResource(p, r) {
-				continue
-			}
-		}
-		switch {
-		case r.GetNodeSettings() != nil:
-		case r.GetServicePort() == nil:
-			return fmt.Errorf("resource %q has no known body", name)
-		default:
-			if _, ok := familyOf(r.GetServicePort().GetFamily()); !ok {
-				return fmt.Errorf("resource %q: no IP family", name)
-			}
-		}
-	}
-	return nil
-}
-
-// sameResource compares by hash, the resource's version; resources built
-// without one (tests, tools) are compared by content.
-func sameResource(a, b *pb.Resource) bool {
-	if a.GetHash() != "" || b.GetHash() != "" {
-		return a.GetHash() == b.GetHash()
-	}
-	return proto.Equal(a, b)
-}
-
-func familyService(t pb.Table, name string, fam family) *pb.ServicePort {
-	sp := t[name].GetServicePort()
-	if sp == nil || sp.GetFamily() != fam.proto() {
-		return nil
-	}
-	return sp
-}
-
-// changedNames lists the family's service ports whose hash differs between
-// the tables, including added and removed ones.
-func changedNames(prev, next pb.Table, fam family) []string {
-	var out []string
-	for name, r := range next {
-		if p, ok := prev[name]; ok && sameResource(p, r) {
-			continue
-		}
-		if familyService(next, name, fam) != nil || familyService(prev, name, fam) != nil {
-			out = append(out, name)
-		}
-	}
-	for name := range prev {
-		if _, ok := next[name]; !ok && familyService(prev, name, fam) != nil {
-			out = append(out, name)
-		}
-	}
-	sort.Strings(out)
-	return out
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strings"
 	"testing"
 
@@ -130,14 +132,6 @@ func formatPlan(p Plan) string {
 			continue
 		}
 		fmt.Fprintf(&b, "## %s restore (rules %+d)\n%s", fp.Family, fp.Rules, fp.Restore())
-		for _, s := range []struct {
-			what    string
-			entries []string
-		}{{"add", fp.HairpinAdd}, {"del", fp.HairpinDel}, {"fresh", fp.HairpinFresh}} {
-			if len(s.entries) > 0 {
-				fmt.Fprintf(&b, "## %s hairpin %s\n%s\n", fp.Family, s.what, strings.Join(s.entries, "\n"))
-			}
-		}
 	}
 	return b.String()
 }
@@ -253,6 +247,19 @@ func TestChainNames(t *testing.T) {
 	}
 }
 
+func TestHairpinBPF(t *testing.T) {
+	// The IPv4 program as tcpdump-style tools print it; IPv6 compares the
+	// four words of each address in turn.
+	if got, want := hairpinBPF(v4), "6,32 0 0 12,7 0 0 0,32 0 0 16,29 0 1 0,6 0 0 1,6 0 0 0"; got != want {
+		t.Errorf("v4 = %s, want %s", got, want)
+	}
+	want6 := "18,32 0 0 8,7 0 0 0,32 0 0 24,29 0 13 0,32 0 0 12,7 0 0 0,32 0 0 28,29 0 9 0," +
+		"32 0 0 16,7 0 0 0,32 0 0 32,29 0 5 0,32 0 0 20,7 0 0 0,32 0 0 36,29 0 1 0,6 0 0 1,6 0 0 0"
+	if got := hairpinBPF(v6); got != want6 {
+		t.Errorf("v6 = %s, want %s", got, want6)
+	}
+}
+
 func TestProbabilityMatchesIptablesSave(t *testing.T) {
 	// Values printed by iptables-save v1.8.9 for 1/n.
 	for n, want := range map[int]string{2: "0.50000000000", 3: "0.33333333349", 7: "0.14285714272", 9: "0.11111111101", 10: "0.10000000009"} {
@@ -265,24 +272,37 @@ func TestProbabilityMatchesIptablesSave(t *testing.T) {
 	}
 }
 
-func TestHairpinEntrySharedByTwoServices(t *testing.T) {
-	shared := "198.19.9.9:8080"
-	prev := tableOf(defaultSettings(),
-		res(svcSpec("default", "one", v4f, "198.18.100.1", 80, clusterEPs(shared))),
-		res(svcSpec("default", "two", v4f, "198.18.100.2", 80, clusterEPs(shared))))
-	next := with(prev, res(svcSpec("default", "one", v4f, "198.18.100.1", 80, clusterEPs("198.19.9.10:8080"))))
-	plan, err := Render(prev, next, onlyV4)
+func TestNatChunksCoverPlan(t *testing.T) {
+	plan, err := Render(nil, bigTable(600, 10), onlyV4)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.Join(plan.V4.HairpinDel, " "); got != "" {
-		t.Fatalf("entry still used by service two was deleted: %s", got)
+	one := string(plan.V4.natInput(false))
+	all := string(plan.V4.natInput(true))
+	chunks := strings.SplitAfter(all, "COMMIT\n")
+	chunks = chunks[:len(chunks)-1]
+	if strings.Count(one, "COMMIT") != 1 || len(chunks) < 4 {
+		t.Fatalf("got %d commits unchunked and %d chunked", strings.Count(one, "COMMIT"), len(chunks))
 	}
-	if got := strings.Join(plan.V4.HairpinAdd, " "); got != "198.19.9.10,tcp:8080,198.19.9.10" {
-		t.Fatalf("add = %q", got)
+	strip := func(in string) []string {
+		var out []string
+		for _, l := range lines(in) {
+			if l != "*nat" && l != "COMMIT" {
+				out = append(out, l)
+			}
+		}
+		sort.Strings(out)
+		return out
 	}
-	back, _ := Render(next, prev, onlyV4)
-	if len(back.V4.HairpinFresh) != 0 || strings.Join(back.V4.HairpinDel, " ") != "198.19.9.10,tcp:8080,198.19.9.10" {
-		t.Fatalf("reverse: fresh %v del %v", back.V4.HairpinFresh, back.V4.HairpinDel)
+	if a, b := strip(one), strip(all); !slices.Equal(a, b) {
+		t.Fatalf("chunks hold %d lines, the plan %d, or they differ", len(b), len(a))
+	}
+	for i, c := range chunks[1 : len(chunks)-1] {
+		if n := strings.Count(c, "\n-A "); n > chunkLines+50 {
+			t.Errorf("chunk %d holds %d rules", i+1, n)
+		}
+	}
+	if last := chunks[len(chunks)-1]; !strings.Contains(last, ":"+chainServices+" ") || strings.Contains(chunks[0], ":"+chainServices+" ") {
+		t.Error("the dispatch chain must be rewritten in the last commit only")
 	}
 }

@@ -35,34 +35,34 @@ var topChains = [numTops]struct {
 	filterFirewall:  {false, chainFirewall},
 }
 
+// isDispatch reports whether a chain holds the rows of many services. Row
+// order there carries no meaning: partial updates insert new rows at the
+// top, and only the fixed tail must stay last.
+func isDispatch(table, chain string) bool {
+	for _, tc := range topChains {
+		if tc.chain == chain && tc.nat == (table == "nat") {
+			return true
+		}
+	}
+	return false
+}
+
 type row struct {
 	top  top
 	spec string // the rule after "-A CHAIN "
 }
 
-// hpKey is one hairpin set entry: traffic from addr to addr:port after DNAT
-// is a pod reaching itself through its service and must be masqueraded.
-type hpKey struct {
-	addr  netip.Addr
-	proto string
-	port  uint16
-}
-
-func (k hpKey) String() string {
-	a := k.addr.String()
-	return a + "," + k.proto + ":" + strconv.Itoa(int(k.port)) + "," + a
-}
-
-// rendered is everything one service port puts into the kernel.
+// rendered is everything one service port puts into the kernel, except
+// the rules of its own chains, which go to the body buffer.
 type rendered struct {
-	rows    []row
-	chains  []string // nat chains the service owns
-	body    []byte   // their rules, as restore lines
-	hairpin []hpKey
-	rules   int
+	rows   []row
+	chains []string // nat chains the service owns
+	rules  int
 }
 
-func renderService(s *svcPort, st *settings) *rendered {
+// renderService appends the rules of the service's chains to body and
+// returns the rest. A full render passes one buffer for all services.
+func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 	h := shortHash(s.name)
 	svc, svx, ext, fw := prefixSVC+h, prefixSVX+h, prefixEXT+h, prefixFW+h
 	r := &rendered{}
@@ -128,12 +128,11 @@ func renderService(s *svcPort, st *settings) *rendered {
 		}
 	}
 	if s.hcNodePort != 0 {
-		hc := *s
-		hc.proto = "tcp"
-		add(filterNodePorts, dispatch(netip.Addr{}, &hc, "", "health check node port", s.hcNodePort, "-j ACCEPT"))
+		// The health check is served over TCP whatever the service's protocol.
+		add(filterNodePorts, dispatchProto(netip.Addr{}, "tcp", s.comment, "", "health check node port", s.hcNodePort, "-j ACCEPT"))
 	}
 
-	b := make([]byte, 0, 128*(2+len(s.cluster)+len(s.external)))
+	b := body
 	if hasCluster {
 		r.chains = append(r.chains, svc)
 		b = r.masqClusterIP(b, svc, s, st)
@@ -178,24 +177,16 @@ func renderService(s *svcPort, st *settings) *rendered {
 			}
 		}
 	}
-	r.body = b
-
-	seen := map[hpKey]bool{}
-	for _, list := range [][]netip.AddrPort{s.cluster, s.external} {
-		for _, ep := range list {
-			k := hpKey{ep.Addr(), s.proto, ep.Port()}
-			if !seen[k] {
-				seen[k] = true
-				r.hairpin = append(r.hairpin, k)
-			}
-		}
-	}
-	return r
+	return r, b
 }
 
-// dispatch renders a row in iptables-save's canonical order, so what the
-// kernel prints back equals what we wrote.
+// dispatch renders a row of service s in iptables-save's canonical order,
+// so what the kernel prints back equals what we wrote.
 func dispatch(dst netip.Addr, s *svcPort, pre, what string, port int, target string) string {
+	return dispatchProto(dst, s.proto, s.comment, pre, what, port, target)
+}
+
+func dispatchProto(dst netip.Addr, proto, comment, pre, what string, port int, target string) string {
 	b := make([]byte, 0, 160)
 	if dst.IsValid() {
 		b = append(b, "-d "...)
@@ -203,17 +194,17 @@ func dispatch(dst netip.Addr, s *svcPort, pre, what string, port int, target str
 		b = append(b, ' ')
 	}
 	b = append(b, "-p "...)
-	b = append(b, s.proto...)
+	b = append(b, proto...)
 	b = append(b, ' ')
 	b = append(b, pre...)
 	b = append(b, `-m comment --comment "`...)
-	b = append(b, s.comment...)
+	b = append(b, comment...)
 	if what != "" {
 		b = append(b, ' ')
 		b = append(b, what...)
 	}
 	b = append(b, `" -m `...)
-	b = append(b, s.proto...)
+	b = append(b, proto...)
 	b = append(b, " --dport "...)
 	b = strconv.AppendInt(b, int64(port), 10)
 	b = append(b, ' ')
@@ -258,7 +249,8 @@ func (r *rendered) masqClusterIP(b []byte, chain string, s *svcPort, st *setting
 
 // balance DNATs straight from the service chain: one rule per endpoint
 // (two with affinity), where upstream spends three. Hairpin masquerade,
-// upstream's per-endpoint rule, is one set match in SBX-POSTROUTING.
+// upstream's per-endpoint rule, is one static rule in SBX-POSTROUTING
+// (see hairpinBPF).
 func (r *rendered) balance(b []byte, chain string, s *svcPort, eps []netip.AddrPort, st *settings) []byte {
 	mask := "255.255.255.255"
 	if st.family == v6 {

@@ -98,21 +98,27 @@ func bothEPs(list ...string) func(*pb.ServicePort) {
 }
 
 // bigTable builds n IPv4 services with k endpoints each, every tenth one
-// with a NodePort, as the benchmarks' 10,000 × 10.
+// with a NodePort, as the benchmarks' 10,000 × 10. ClusterIPs come from
+// 198.18.0.0/18, endpoints from the rest of 198.18.0.0/15 (114,688
+// addresses).
 func bigTable(n, k int) pb.Table {
 	t := tableOf(defaultSettings())
+	ep := func(e int) string {
+		v := uint32(198)<<24 | uint32(18)<<16 | uint32(64)<<8 + uint32(e)
+		return fmt.Sprintf("%d.%d.%d.%d:8080", v>>24, v>>16&255, v>>8&255, v&255)
+	}
 	for i := 0; i < n; i++ {
 		var list []string
 		for j := 0; j < k; j++ {
-			e := i*k + j
-			list = append(list, fmt.Sprintf("198.19.%d.%d:8080", e/250, e%250+1))
+			list = append(list, ep(i*k+j))
 		}
-		cip := fmt.Sprintf("198.18.%d.%d", 100+i/250, i%250+1)
+		cip := fmt.Sprintf("198.18.%d.%d", i/250, i%250+1)
 		sp := svcSpec("bench", fmt.Sprintf("svc-%05d", i), pb.IPFamily_IP_FAMILY_IPV4, cip, 80, bothEPs(list...))
 		if i%10 == 0 {
 			sp.NodePort = int32(30000 + i/10)
 		}
-		t = with(t, res(sp))
+		r := res(sp)
+		t[r.GetName()] = r
 	}
 	return t
 }
@@ -134,7 +140,7 @@ func withoutEndpoint(t pb.Table, name string) pb.Table {
 	return with(t, res(cp))
 }
 
-// sortedLines is a helper for order-insensitive comparisons.
+// lines splits text into its non-empty lines.
 func lines(s string) []string {
 	var out []string
 	for _, l := range strings.Split(s, "\n") {

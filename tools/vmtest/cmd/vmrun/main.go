@@ -25,6 +25,7 @@ func main() {
 	cpus := flag.Int("smp", 2, "vCPUs")
 	timeout := flag.Duration("timeout", 10*time.Minute, "timeout for boot and command")
 	quiet := flag.Bool("q", false, "print only the command's output, not the console")
+	verbose := flag.Bool("v", false, "boot without quiet, to see the kernel's messages")
 	flag.Parse()
 	if flag.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "usage: vmrun [flags] -- cmd args...")
@@ -32,7 +33,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	opts := vmtest.Options{Memory: *mem, CPUs: *cpus, Dir: *dir, Timeout: *timeout, HostPort: *port, Logf: log.Printf}
+	opts := vmtest.Options{Memory: *mem, CPUs: *cpus, Dir: *dir, Timeout: *timeout, HostPort: *port, Logf: log.Printf, Verbose: *verbose}
 	if !*quiet {
 		opts.Stdout = os.Stderr
 	}
