@@ -3,9 +3,9 @@ package main
 import (
 	"context"
 	"errors"
-	"os"
 	"fmt"
 	"log/slog"
+	"os"
 
 	"github.com/signalbox/signalbox/nodeagent/dataplane"
 	"github.com/signalbox/signalbox/nodeagent/dataplane/iptables"
