@@ -32,12 +32,14 @@ type Cache struct {
 
 	services map[string]*corev1.Service
 	slices   map[string]map[string]*discoveryv1.EndpointSlice // service key -> slice name -> slice
+	owner    map[string]string                                // "ns/slice" -> service key
 	nodes    map[string]nodeview.Node
 
 	gen     uint64
 	dirty   map[string]bool
 	trigger map[string]time.Time // service key -> earliest pending slice trigger time
 	entries map[string]*entry    // service key -> versions
+	keys    []string             // sorted keys of entries; nil when stale
 	log     []change             // ascending by gen
 }
 
@@ -74,6 +76,7 @@ func New(opts nodeview.Options, settings nodeview.Settings) *Cache {
 		settings: settings,
 		services: map[string]*corev1.Service{},
 		slices:   map[string]map[string]*discoveryv1.EndpointSlice{},
+		owner:    map[string]string{},
 		nodes:    map[string]nodeview.Node{},
 		dirty:    map[string]bool{},
 		trigger:  map[string]time.Time{},
@@ -122,6 +125,7 @@ func (c *Cache) SetSlice(s *discoveryv1.EndpointSlice) {
 		c.slices[key] = map[string]*discoveryv1.EndpointSlice{}
 	}
 	c.slices[key][s.Name] = s
+	c.owner[s.Namespace+"/"+s.Name] = key
 	c.dirty[key] = true
 	if t, err := time.Parse(time.RFC3339, s.Annotations[corev1.EndpointsLastChangeTriggerTime]); err == nil {
 		if old, ok := c.trigger[key]; !ok || t.Before(old) {
@@ -132,28 +136,19 @@ func (c *Cache) SetSlice(s *discoveryv1.EndpointSlice) {
 
 // DeleteSlice records an EndpointSlice deletion.
 func (c *Cache) DeleteSlice(namespace, name string) {
-	// Slices are few per Service; the scan is over the namespace's
-	// services only through the key prefix, so keep a direct index if this
-	// ever shows up in profiles.
-	for key, m := range c.slices {
-		if _, ok := m[name]; ok && keyNamespace(key) == namespace {
-			delete(m, name)
-			if len(m) == 0 {
-				delete(c.slices, key)
-			}
-			c.dirty[key] = true
-			return
+	id := namespace + "/" + name
+	key, ok := c.owner[id]
+	if !ok {
+		return
+	}
+	delete(c.owner, id)
+	if m := c.slices[key]; m != nil {
+		delete(m, name)
+		if len(m) == 0 {
+			delete(c.slices, key)
 		}
 	}
-}
-
-func keyNamespace(key string) string {
-	for i := 0; i < len(key); i++ {
-		if key[i] == '/' {
-			return key[:i]
-		}
-	}
-	return key
+	c.dirty[key] = true
 }
 
 // SetNode records a Node add or update. It reports whether the node's view
@@ -205,6 +200,7 @@ func (c *Cache) Flush() (changed []string, problems []Problem) {
 			}
 			e = &entry{}
 			c.entries[key] = e
+			c.keys = nil
 		}
 		e.versions = append(e.versions, &version{gen: next, view: view, variants: map[string]*Variant{}, trigger: c.trigger[key]})
 		delete(c.trigger, key)
@@ -238,6 +234,7 @@ func (c *Cache) Compact(gen uint64) {
 			e.compact(gen)
 			if len(e.versions) == 1 && e.versions[0].view == nil {
 				delete(c.entries, key)
+				c.keys = nil
 			}
 		}
 		i++
@@ -284,4 +281,17 @@ func (v *version) variant(n nodeview.Node) *Variant {
 	}
 	v.variants[k] = vr
 	return vr
+}
+
+// sortedKeys returns the Service keys in order, sorted once per change of
+// the key set rather than once per node table.
+func (c *Cache) sortedKeys() []string {
+	if c.keys == nil {
+		c.keys = make([]string, 0, len(c.entries))
+		for k := range c.entries {
+			c.keys = append(c.keys, k)
+		}
+		sort.Strings(c.keys)
+	}
+	return c.keys
 }

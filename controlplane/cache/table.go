@@ -88,7 +88,8 @@ func (c *Cache) Diff(from, to Point) Change {
 
 // Snapshot is the whole table of a point, for a replace delta.
 func (c *Cache) Snapshot(p Point) Change {
-	var ch Change
+	n := len(c.entries) + 1
+	ch := Change{Upserts: make([]*pb.Resource, 0, n), Encoded: make([]pb.Encoded, 0, n)}
 	c.each(p, func(_ string, r *pb.Resource, enc pb.Encoded) {
 		ch.Upserts = append(ch.Upserts, r)
 		ch.Encoded = append(ch.Encoded, enc)
@@ -141,12 +142,7 @@ func (c *Cache) hashes(p Point) map[string]string {
 func (c *Cache) each(p Point, fn func(key string, r *pb.Resource, enc pb.Encoded)) {
 	s := c.settingsResource(p.Node)
 	fn("", s, pb.EncodeResource(s))
-	keys := make([]string, 0, len(c.entries))
-	for k := range c.entries {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
+	for _, k := range c.sortedKeys() {
 		v := c.entries[k].at(p.Gen).variant(p.Node)
 		if v == nil {
 			continue

@@ -135,9 +135,40 @@ const (
 	fieldMapValue      = 2
 )
 
-// Marshal returns the SyncResponse bytes.
+// Marshal returns the SyncResponse bytes. It sizes the buffer first: a
+// snapshot of 10,000 Services is megabytes, and growing it by appending
+// would copy it several times per node.
 func (f *DeltaFrame) Marshal() []byte {
-	var d []byte
+	var tt []byte
+	if f.TriggerTime != nil {
+		tt, _ = deterministic.Marshal(f.TriggerTime)
+	}
+	size := 0
+	if f.Sequence != 0 {
+		size += protowire.SizeTag(fieldSequence) + protowire.SizeVarint(f.Sequence)
+	}
+	for _, u := range f.Upserts {
+		size += protowire.SizeTag(fieldUpserts) + protowire.SizeBytes(len(u))
+	}
+	for _, name := range f.Removals {
+		size += protowire.SizeTag(fieldRemovals) + protowire.SizeBytes(len(name))
+	}
+	if f.Replace {
+		size += protowire.SizeTag(fieldReplace) + 1
+	}
+	entry := func(k, v string) int {
+		return protowire.SizeTag(fieldMapKey) + protowire.SizeBytes(len(k)) + protowire.SizeTag(fieldMapValue) + protowire.SizeBytes(len(v))
+	}
+	for k, v := range f.TraceContext {
+		size += protowire.SizeTag(fieldTraceContext) + protowire.SizeBytes(entry(k, v))
+	}
+	if tt != nil {
+		size += protowire.SizeTag(fieldTriggerTime) + protowire.SizeBytes(len(tt))
+	}
+
+	d := make([]byte, 0, protowire.SizeTag(fieldResponseDelta)+protowire.SizeBytes(size))
+	d = protowire.AppendTag(d, fieldResponseDelta, protowire.BytesType)
+	d = protowire.AppendVarint(d, uint64(size))
 	if f.Sequence != 0 {
 		d = protowire.AppendTag(d, fieldSequence, protowire.VarintType)
 		d = protowire.AppendVarint(d, f.Sequence)
@@ -155,20 +186,16 @@ func (f *DeltaFrame) Marshal() []byte {
 		d = protowire.AppendVarint(d, 1)
 	}
 	for k, v := range f.TraceContext {
-		var e []byte
-		e = protowire.AppendTag(e, fieldMapKey, protowire.BytesType)
-		e = protowire.AppendString(e, k)
-		e = protowire.AppendTag(e, fieldMapValue, protowire.BytesType)
-		e = protowire.AppendString(e, v)
 		d = protowire.AppendTag(d, fieldTraceContext, protowire.BytesType)
-		d = protowire.AppendBytes(d, e)
+		d = protowire.AppendVarint(d, uint64(entry(k, v)))
+		d = protowire.AppendTag(d, fieldMapKey, protowire.BytesType)
+		d = protowire.AppendString(d, k)
+		d = protowire.AppendTag(d, fieldMapValue, protowire.BytesType)
+		d = protowire.AppendString(d, v)
 	}
-	if f.TriggerTime != nil {
-		tb, _ := deterministic.Marshal(f.TriggerTime)
+	if tt != nil {
 		d = protowire.AppendTag(d, fieldTriggerTime, protowire.BytesType)
-		d = protowire.AppendBytes(d, tb)
+		d = protowire.AppendBytes(d, tt)
 	}
-	out := make([]byte, 0, len(d)+8)
-	out = protowire.AppendTag(out, fieldResponseDelta, protowire.BytesType)
-	return protowire.AppendBytes(out, d)
+	return d
 }
