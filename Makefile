@@ -72,7 +72,7 @@ test: deps tools lint kube-apiserver
 unit:
 	go test -count=1 ./proto/... ./controlplane/... ./nodeagent/...
 
-demo: deps kube-apiserver
+demo: deps tools kube-apiserver
 	go run ./tools/demo
 
 clean:

@@ -125,8 +125,8 @@ func testSyncAndReadBack(t *testing.T) {
 		flags, timeout uint32
 		reals          map[string]int
 	}{
-		"6/198.18.100.1:80":  {flagPersistent, 600, map[string]int{"198.19.0.1:8080": 1, "198.19.0.2:8080": 0}},
-		"6/198.18.0.1:30080": {flagPersistent, 600, map[string]int{"198.19.0.1:8080": 1, "198.19.0.2:8080": 0}},
+		"6/198.18.100.1:80":  {flagPersistent, 600, map[string]int{"198.19.0.1:8080": 1, "198.19.0.2:8080": 1}},
+		"6/198.18.0.1:30080": {flagPersistent, 600, map[string]int{"198.19.0.1:8080": 1, "198.19.0.2:8080": 1}},
 		"17/198.18.100.2:53": {0, 0, map[string]int{"198.19.0.3:53": 1}},
 		"6/2001:2::100:80":   {0, 0, map[string]int{"[2001:2:1::1]:8080": 1}},
 		"6/198.18.100.3:80":  {0, 0, map[string]int{}},
