@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/signalbox/signalbox/controlplane/auth"
 	"github.com/signalbox/signalbox/controlplane/cache"
 	"github.com/signalbox/signalbox/controlplane/hub"
 	"github.com/signalbox/signalbox/controlplane/nodeview"
@@ -43,6 +44,13 @@ type plane struct {
 
 func startPlane(t *testing.T, client kubernetes.Interface) *plane {
 	t.Helper()
+	return startPlaneAuth(t, client, nil)
+}
+
+// startPlaneAuth starts a plane that authenticates agents with authn (nil:
+// trust the hello, as --insecure does).
+func startPlaneAuth(t *testing.T, client kubernetes.Interface, authn auth.Authenticator) *plane {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	c := cache.New(nodeview.Options{}, nodeview.Settings{ClusterCIDRs: []string{"198.18.16.0/20"}})
 	m := hub.NewMetrics(prometheus.NewRegistry())
@@ -56,7 +64,7 @@ func startPlane(t *testing.T, client kubernetes.Interface) *plane {
 		t.Fatalf("start watch: %v", err)
 	}
 	srv, _ := server.NewGRPC()
-	pb.RegisterNodeSyncServiceServer(srv, &server.Sync{Hub: h})
+	pb.RegisterNodeSyncServiceServer(srv, &server.Sync{Hub: h, Auth: authn})
 	pb.RegisterInspectionServiceServer(srv, &server.Inspect{Hub: h})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -215,4 +223,14 @@ func epIPs(eps []*pb.Endpoint) []string {
 		out = append(out, fmt.Sprintf("%s:%d", e.GetIp(), e.GetPort()))
 	}
 	return out
+}
+
+func connectErr(t *testing.T, p *plane, node string, opts ...grpc.DialOption) *testagent.Agent {
+	t.Helper()
+	a, err := testagent.Connect(context.Background(), p.addr, node, nil, opts...)
+	if err != nil {
+		t.Fatalf("connect %s: %v", node, err)
+	}
+	t.Cleanup(a.Close)
+	return a
 }
