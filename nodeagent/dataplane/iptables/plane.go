@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -147,7 +148,7 @@ func (p *Plane) Apply(ctx context.Context, prev, next pb.Table) (dataplane.Resul
 	}
 	undo := func() (Plan, error) { return Render(next, prev, p.cfg) }
 	if err := p.runPlan(ctx, &plan, undo); err != nil {
-		return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, err
+		return dataplane.Result{Rules: p.total(), Duration: time.Since(start)}, blame(err, prev, next)
 	}
 	for _, fam := range p.fams {
 		if fp := plan.family(fam); plan.Full {
@@ -361,4 +362,35 @@ func (p *Plane) cleanConntrack(targets []conntrack.Target) int {
 // switch, or --cleanup of the iptables mode) leaves IPVS traffic alone.
 func ownChain(name string) bool {
 	return strings.HasPrefix(name, "SBX-") && !strings.HasPrefix(name, "SBX-IPVS")
+}
+
+// ResourceError is a refused transaction with the resources whose chains
+// the kernel named, so the NACK tells the operator which Service failed.
+type ResourceError struct {
+	err   error
+	names []string
+}
+
+func (e *ResourceError) Error() string       { return e.err.Error() }
+func (e *ResourceError) Unwrap() error       { return e.err }
+func (e *ResourceError) Resources() []string { return e.names }
+
+// blame finds the resources whose chain hash appears in a restore error.
+func blame(err error, tables ...pb.Table) error {
+	msg := err.Error()
+	seen := map[string]bool{}
+	var names []string
+	for _, t := range tables {
+		for name := range t {
+			if !seen[name] && strings.Contains(msg, shortHash(name)) {
+				seen[name] = true
+				names = append(names, name)
+			}
+		}
+	}
+	if len(names) == 0 {
+		return err
+	}
+	sort.Strings(names)
+	return &ResourceError{err: err, names: names}
 }
