@@ -62,7 +62,15 @@ mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+if [ -n "$KEEP" ]; then
+	mkdir -p /hosttmp && mount --bind $R/tmp /hosttmp || fail "bind of the host /tmp"
+fi
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "tmpfs on /tmp"
+if [ -n "$KEEP" ]; then
+	# The repo lives under the host's /tmp: bring just that tree back.
+	mkdir -p "$R$KEEP" && mount --bind "/hosttmp${KEEP#/tmp}" "$R$KEEP" ||
+		fail "bind of $KEEP"
+fi
 mount -t tmpfs -o mode=755 tmpfs $R/run || fail "tmpfs on /run"
 
 ip link set lo up || fail "loopback"

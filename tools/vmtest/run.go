@@ -258,7 +258,7 @@ func writeRunDir(opts Options, argv []string) (dir, nonce string, err error) {
 	}
 	files := map[string]string{
 		"cmd.sh": sh.String(),
-		"conf":   fmt.Sprintf("NONCE=%s\nNET=%d\n", nonce, net),
+		"conf":   fmt.Sprintf("NONCE=%s\nNET=%d\nKEEP=%s\n", nonce, net, keepUnderTmp()),
 	}
 	for name, content := range files {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
@@ -345,4 +345,15 @@ func (c *console) line(l string, onStart, onExit func()) {
 
 func (c *console) tail() string {
 	return strings.Join(c.lines, "\n")
+}
+
+// keepUnderTmp is the repo root when it lives under /tmp (a CI clone may):
+// the VM mounts a fresh /tmp, so init.sh binds the host's copy of that one
+// directory back, read-only like the rest of the host root.
+func keepUnderTmp() string {
+	root, err := RepoRoot()
+	if err != nil || !strings.HasPrefix(root, "/tmp/") || strings.ContainsAny(root, " \t\n'\"$`\\") {
+		return ""
+	}
+	return root
 }
