@@ -11,21 +11,15 @@ import (
 	"time"
 
 	"github.com/signalbox/signalbox/tools/devcluster/devclustertest"
+	"github.com/signalbox/signalbox/tools/repo"
 )
 
 // grpcurl returns the grpcurl binary `make tools` builds into .cache/bin.
 func grpcurl(t *testing.T) string {
 	t.Helper()
-	dir, _ := os.Getwd()
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "tools", "protogen", "go.mod")); err == nil {
-			break
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("repo root not found")
-		}
-		dir = parent
+	dir, err := repo.Root()
+	if err != nil {
+		t.Fatal(err)
 	}
 	bin := filepath.Join(dir, ".cache", "bin", "grpcurl")
 	if _, err := os.Stat(bin); err != nil {

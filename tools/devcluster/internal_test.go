@@ -2,31 +2,11 @@ package devcluster
 
 import (
 	"context"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 )
-
-func TestRootFindsModule(t *testing.T) {
-	t.Setenv("SIGNALBOX_ROOT", "")
-	root, err := Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Tests run in tools/devcluster, two levels below the root.
-	wd, _ := os.Getwd()
-	if want := filepath.Dir(filepath.Dir(wd)); root != want {
-		t.Errorf("Root() = %s, want %s", root, want)
-	}
-	if !isSignalboxModule(filepath.Join(root, "go.mod")) {
-		t.Errorf("%s/go.mod is not the signalbox module", root)
-	}
-	if isSignalboxModule(filepath.Join(root, "tools", "k8sbuild", "go.mod")) {
-		t.Error("tools/k8sbuild/go.mod mistaken for the root module")
-	}
-}
 
 func TestLockFileExcludes(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "lock")

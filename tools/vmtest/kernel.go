@@ -18,7 +18,6 @@
 package vmtest
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -31,6 +30,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/signalbox/signalbox/tools/repo"
 )
 
 // Logf receives progress messages; t.Logf and log.Printf both fit.
@@ -55,40 +56,10 @@ func (k Kernel) ModulesDir() string {
 	return filepath.Join(k.Dir, "lib", "modules", k.Release)
 }
 
-const modulePath = "github.com/signalbox/signalbox"
+const modulePath = repo.ModulePath
 
-// RepoRoot is $SIGNALBOX_ROOT, or the nearest directory above the working
-// directory whose go.mod declares the signalbox module.
-func RepoRoot() (string, error) {
-	if r := os.Getenv("SIGNALBOX_ROOT"); r != "" {
-		return filepath.Abs(r)
-	}
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && declaresModule(b, modulePath) {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("vmtest: no go.mod for module %s above the working directory; set SIGNALBOX_ROOT", modulePath)
-		}
-		dir = parent
-	}
-}
-
-func declaresModule(gomod []byte, mod string) bool {
-	sc := bufio.NewScanner(bytes.NewReader(gomod))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) == 2 && f[0] == "module" && strings.Trim(f[1], `"`) == mod {
-			return true
-		}
-	}
-	return false
-}
+// RepoRoot is the checkout's root (see repo.Root).
+func RepoRoot() (string, error) { return repo.Root() }
 
 // CacheDir is <repo root>/.cache/vmtest (git-ignored). Everything the VM
 // must see lives here rather than in /tmp, because the VM's /tmp is its own.
