@@ -47,6 +47,7 @@ lint: proto-check vet
 
 vet:
 	go vet ./...
+	go vet -tags vm ./nodeagent/e2e/
 
 kube-apiserver:
 	go run ./tools/devcluster/cmd/devcluster build

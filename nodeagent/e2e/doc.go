@@ -10,6 +10,10 @@
 //
 // SIGNALBOX_E2E_MODE selects the agents' data plane (iptables, the default,
 // or ipvs); SIGNALBOX_E2E_BIN points at prebuilt binaries (see labenv).
-// Where the apiserver and the control plane run is labenv.Site's business,
-// so a VM run can keep them on the host.
+// Where the apiserver and the control plane run is labenv.Site's business:
+// SIGNALBOX_E2E_SITE=vm selects labenv.VMSite, with which nodeagent/e2e/vm
+// runs this same suite in ipvs mode inside a qemu VM (the host kernel has
+// no IPVS) while the apiserver and the control plane stay on the host.
+// TestModeSwitch needs IPVS and runs only there; on the host it skips, and
+// the VM run requires it to pass.
 package e2e

@@ -122,6 +122,19 @@ func TestAgentKilledAndRestarted(t *testing.T) {
 			t.Errorf("%s still holds %s of the deleted Service after the restart", victim.Name, staleChain)
 		}
 	}
+	// In ipvs mode the orphans are a virtual server and an address on
+	// kube-ipvs0.
+	if env.Mode == "ipvs" {
+		cip := doomed.Spec.ClusterIP
+		for _, vs := range virtualServers(t, victim) {
+			if strings.Contains(vs, cip+":") {
+				t.Errorf("%s still holds virtual server %s of the deleted Service after the restart", victim.Name, vs)
+			}
+		}
+		if out := inNode(t, victim, "ip", "-o", "addr", "show", "dev", "kube-ipvs0"); strings.Contains(out, " "+cip+"/") {
+			t.Errorf("%s still binds %s of the deleted Service to kube-ipvs0 after the restart", victim.Name, cip)
+		}
+	}
 }
 
 // restartAgent starts a node's agent if it is down and waits until every

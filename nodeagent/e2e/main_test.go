@@ -34,11 +34,16 @@ func TestMain(m *testing.M) {
 	if mode == "" {
 		mode = "iptables"
 	}
+	site, err := selectSite()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
+		os.Exit(1)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	e, err := labenv.Start(ctx, labenv.Options{
 		LabName: "e2e" + mode,
 		Mode:    mode,
-		Site:    &labenv.LabSite{},
+		Site:    site,
 		Log:     os.Stderr,
 	})
 	cancel()
@@ -61,6 +66,24 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(env.LogDir) // logs matter only when something failed
 	}
 	os.Exit(code)
+}
+
+// selectSite picks where the apiserver and the control plane run: in the
+// lab's control namespace (default), or on the host of the VM this binary
+// runs in (nodeagent/e2e/vm starts them and sets the environment).
+func selectSite() (labenv.Site, error) {
+	switch site := os.Getenv(labenv.SiteEnv); site {
+	case "", "lab":
+		return &labenv.LabSite{}, nil
+	case "vm":
+		s := &labenv.VMSite{Gateway: os.Getenv(labenv.GatewayEnv), Kubeconfig: os.Getenv(labenv.KubeconfigEnv)}
+		if s.Gateway == "" || s.Kubeconfig == "" {
+			return nil, fmt.Errorf("$%s=vm needs $%s and $%s", labenv.SiteEnv, labenv.GatewayEnv, labenv.KubeconfigEnv)
+		}
+		return s, nil
+	default:
+		return nil, fmt.Errorf("$%s=%q: want lab or vm", labenv.SiteEnv, site)
+	}
 }
 
 // Lab hosts by name.

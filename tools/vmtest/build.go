@@ -15,8 +15,10 @@ import (
 // into <root>/.cache/vmtest/bin/, where the VM can see it, and returns the
 // binary's path. Run it in the VM with e.g. []string{path, "-test.v"};
 // tests that need the VM can require os.Getenv(vmtest.InVMEnv) == "1".
-func BuildTestBinary(ctx context.Context, pkg string) (string, error) {
-	return build(ctx, pkg, ".test", "test", "-c")
+// Extra go flags (e.g. "-tags", "vm" for tests that only make sense in the
+// VM's kernel) go before the package.
+func BuildTestBinary(ctx context.Context, pkg string, flags ...string) (string, error) {
+	return build(ctx, pkg, ".test", append([]string{"test", "-c"}, flags...)...)
 }
 
 // BuildProgram compiles the main package pkg with `go build` into
