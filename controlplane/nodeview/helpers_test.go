@@ -309,7 +309,13 @@ func wantProblems(t *testing.T, got []Problem, want ...string) {
 	}
 }
 
+// describe renders the endpoint decisions; " short=<endpoints>" is added
+// only when short_circuit_endpoints is set.
 func describe(sp *signalboxv1.ServicePort) string {
-	return fmt.Sprintf("cluster=%s(%s) external=%s(%s)", epList(sp.GetClusterEndpoints()), action(sp.GetClusterNoEndpoints()),
+	s := fmt.Sprintf("cluster=%s(%s) external=%s(%s)", epList(sp.GetClusterEndpoints()), action(sp.GetClusterNoEndpoints()),
 		epList(sp.GetExternalEndpoints()), action(sp.GetExternalNoEndpoints()))
+	if sc := sp.GetShortCircuitEndpoints(); len(sc) > 0 {
+		s += " short=" + epList(sc)
+	}
+	return s
 }

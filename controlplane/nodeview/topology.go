@@ -230,12 +230,24 @@ func (p *portView) render(n Node) *signalboxv1.ServicePort {
 		sp.ExternalNoEndpoints = noEndpointsAction(len(external), hasAny)
 		sp.ExternalPolicyLocal = p.etpLocal
 		sp.MasqueradeExternal = !p.etpLocal
+		// Pods and the node reach external destinations as if from outside
+		// and back in, subject to neither traffic policy: upstream jumps to
+		// its Cluster-policy chain. Only internalTrafficPolicy Local makes
+		// that differ from the internal endpoints.
+		if p.etpLocal && p.itpLocal && !samePicks(cluster, internal) {
+			sp.ShortCircuitEndpoints = p.renderEndpoints(cluster, n)
+		}
 	}
 	if p.hcNodePort != 0 {
 		sp.HealthCheckNodePort = p.hcNodePort
 		sp.LocalReadyEndpoints = p.localReady[n.Name]
 	}
 	return sp
+}
+
+// samePicks reports whether two pick lists render the same endpoints.
+func samePicks(x, y []pick) bool {
+	return slices.EqualFunc(x, y, func(a, b pick) bool { return a.e == b.e && a.fallback == b.fallback })
 }
 
 func noEndpointsAction(n int, hasAny bool) signalboxv1.NoEndpointsAction {

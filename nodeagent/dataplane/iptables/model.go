@@ -29,6 +29,7 @@ const (
 
 	prefixSVC = "SBX-SVC-" // load balancing over the cluster endpoints
 	prefixSVX = "SBX-SVX-" // load balancing over the external endpoints, when they differ
+	prefixSVS = "SBX-SVS-" // load balancing over the short-circuit endpoints, when they differ
 	prefixEXT = "SBX-EXT-" // external traffic: masquerade or short-circuit, then SVX/SVC
 	prefixFW  = "SBX-FW-"  // loadBalancerSourceRanges
 )
@@ -36,7 +37,7 @@ const (
 // servicePrefixes are the chains Sync may delete when it finds them stale.
 // Only per-service chains: nothing outside our own chains references them,
 // so deleting one can never fail on a foreign reference.
-var servicePrefixes = []string{prefixSVC, prefixSVX, prefixEXT, prefixFW}
+var servicePrefixes = []string{prefixSVC, prefixSVX, prefixSVS, prefixEXT, prefixFW}
 
 func isServiceChain(name string) bool {
 	for _, p := range servicePrefixes {
@@ -99,6 +100,7 @@ type svcPort struct {
 	affinity     int
 	cluster      []netip.AddrPort
 	external     []netip.AddrPort
+	short        []netip.AddrPort // empty: short-circuit to cluster
 	extLocal     bool
 	masqExternal bool
 	hcNodePort   int
@@ -172,6 +174,9 @@ func parseServicePort(name string, sp *pb.ServicePort) (*svcPort, error) {
 	}
 	if s.external, err = parseEndpoints(fam, sp.GetExternalEndpoints()); err != nil {
 		return nil, fmt.Errorf("resource %q: external endpoints: %w", name, err)
+	}
+	if s.short, err = parseEndpoints(fam, sp.GetShortCircuitEndpoints()); err != nil {
+		return nil, fmt.Errorf("resource %q: short-circuit endpoints: %w", name, err)
 	}
 	return s, nil
 }

@@ -55,7 +55,33 @@ func goldenCases() []goldenCase {
 			sp.ExternalNoEndpoints = pb.NoEndpointsAction_NO_ENDPOINTS_ACTION_DROP
 		}
 	}
+	// Both policies Local: pods and the node short-circuit to all the
+	// endpoints, while internal and external traffic use local ones.
+	bothLocal := func(local ...string) func(*pb.ServicePort) {
+		return func(sp *pb.ServicePort) {
+			sp.NodePort = 30081
+			sp.HealthCheckNodePort = 32001
+			sp.InternalPolicyLocal = true
+			sp.ExternalPolicyLocal = true
+			sp.MasqueradeExternal = false
+			sp.ClusterEndpoints = eps(local...)
+			sp.ExternalEndpoints = eps(local...)
+			sp.ShortCircuitEndpoints = eps("198.19.1.1:8080", "198.19.1.2:8080", "198.19.1.3:8080")
+			if len(local) == 0 {
+				sp.ClusterNoEndpoints = pb.NoEndpointsAction_NO_ENDPOINTS_ACTION_DROP
+				sp.ExternalNoEndpoints = pb.NoEndpointsAction_NO_ENDPOINTS_ACTION_DROP
+			}
+		}
+	}
+	shortCircuit := tableOf(defaultSettings(),
+		res(svcSpec("default", "sc-local", v4f, "198.18.100.17", 80, bothLocal("198.19.1.2:8080"))),
+		res(svcSpec("default", "sc-none", v4f, "198.18.100.18", 80, bothLocal(), func(sp *pb.ServicePort) {
+			sp.NodePort, sp.HealthCheckNodePort = 30082, 32002
+		})))
 	return []goldenCase{
+		{name: "nodeport-itp-etp-local-short-circuit", cfg: onlyV4, next: shortCircuit},
+		{name: "partial-short-circuit-loses-local-endpoint", cfg: onlyV4, prev: shortCircuit,
+			next: with(shortCircuit, res(svcSpec("default", "sc-local", v4f, "198.18.100.17", 80, bothLocal())))},
 		{name: "clusterip-3-endpoints", cfg: onlyV4, next: tableOf(defaultSettings(),
 			res(svcSpec("default", "web", v4f, "198.18.100.10", 80, clusterEPs("198.19.1.1:8080", "198.19.1.2:8080", "198.19.1.3:8080"))))},
 		{name: "affinity", cfg: onlyV4, next: tableOf(defaultSettings(),

@@ -64,14 +64,28 @@ type rendered struct {
 // returns the rest. A full render passes one buffer for all services.
 func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 	h := shortHash(s.name)
-	svc, svx, ext, fw := prefixSVC+h, prefixSVX+h, prefixEXT+h, prefixFW+h
+	svc, svx, svs, ext, fw := prefixSVC+h, prefixSVX+h, prefixSVS+h, prefixEXT+h, prefixFW+h
 	r := &rendered{}
 
 	hasCluster, hasExternal := len(s.cluster) > 0, len(s.external) > 0
 	accessible := s.nodePort != 0 || len(s.externalIPs) > 0 || len(s.lbIPs) > 0
+	// Under externalTrafficPolicy Local, pods and the node reach external
+	// destinations through upstream's Cluster-policy endpoints: the
+	// short-circuit ones when the table sets them, else the cluster ones.
+	short := s.cluster
+	if len(s.short) > 0 {
+		short = s.short
+	}
+	hasShort := s.extLocal && len(short) > 0
 	// The EXT chain exists whenever anything can serve: even with no
-	// external endpoints it short-circuits pod and node traffic.
+	// external endpoints it short-circuits pod and node traffic. Under
+	// Local policy that is exactly when the Cluster-policy endpoints are
+	// not empty (upstream's hasEndpoints); without them upstream has no
+	// chains at all and every destination gets the no-endpoints action.
 	usesExt := accessible && (hasCluster || hasExternal)
+	if s.extLocal {
+		usesExt = accessible && hasShort
+	}
 	extTarget := ""
 	if hasExternal {
 		extTarget = svx
@@ -79,6 +93,19 @@ func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 			extTarget = svc // one chain serves both, as upstream's Cluster policy
 		}
 	}
+	shortTarget := ""
+	if hasShort {
+		switch {
+		case hasCluster && slices.Equal(short, s.cluster):
+			shortTarget = svc
+		case extTarget == svx && slices.Equal(short, s.external):
+			shortTarget = svx
+		default:
+			shortTarget = svs
+		}
+	}
+	// rejectExt: external destinations that no EXT chain serves.
+	rejectExt := !hasExternal || !usesExt
 	usesFW := usesExt && len(s.lbIPs) > 0 && len(s.sourceRanges) > 0
 
 	add := func(t top, spec string) {
@@ -100,7 +127,7 @@ func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 		if usesExt {
 			add(natServices, dispatch(ip, s, "", "external IP", s.port, "-j "+ext))
 		}
-		if !hasExternal {
+		if rejectExt {
 			add(filterExternal, dispatch(ip, s, "", "has no external endpoints", s.port, st.action(s.externalNoEP)))
 		}
 	}
@@ -115,7 +142,7 @@ func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 		if usesFW {
 			add(filterFirewall, dispatch(ip, s, "", "traffic not accepted by "+fw, s.port, "-j DROP"))
 		}
-		if !hasExternal {
+		if rejectExt {
 			add(filterExternal, dispatch(ip, s, "", "has no external endpoints", s.port, st.action(s.externalNoEP)))
 		}
 	}
@@ -123,7 +150,7 @@ func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 		if usesExt {
 			add(natNodePorts, dispatch(netip.Addr{}, s, "", "", s.nodePort, "-j "+ext))
 		}
-		if !hasExternal {
+		if rejectExt {
 			add(filterExternal, dispatch(netip.Addr{}, s, "-m addrtype --dst-type LOCAL ", "has no external endpoints", s.nodePort, st.action(s.externalNoEP)))
 		}
 	}
@@ -142,19 +169,24 @@ func renderService(s *svcPort, st *settings, body []byte) (*rendered, []byte) {
 		r.chains = append(r.chains, svx)
 		b = r.balance(b, svx, s, s.external, st)
 	}
+	if shortTarget == svs {
+		r.chains = append(r.chains, svs)
+		b = r.balance(b, svs, s, short, st)
+	}
 	if usesExt {
 		r.chains = append(r.chains, ext)
 		if s.masqExternal {
 			b = r.line(b, ext, "-j "+chainMarkMasq)
 		}
-		if s.extLocal && hasCluster {
+		if shortTarget != "" {
 			// Pods and the node itself reach "external" addresses as if from
-			// outside and back in: they get the cluster endpoints, as upstream.
+			// outside and back in: they get the Cluster-policy endpoints,
+			// subject to neither traffic policy, as upstream.
 			for _, c := range st.clusterCIDRs {
-				b = r.line(b, ext, "-s "+c.String()+" -j "+svc)
+				b = r.line(b, ext, "-s "+c.String()+" -j "+shortTarget)
 			}
 			b = r.line(b, ext, "-m addrtype --src-type LOCAL -j "+chainMarkMasq)
-			b = r.line(b, ext, "-m addrtype --src-type LOCAL -j "+svc)
+			b = r.line(b, ext, "-m addrtype --src-type LOCAL -j "+shortTarget)
 		}
 		if extTarget != "" {
 			b = r.line(b, ext, "-j "+extTarget)

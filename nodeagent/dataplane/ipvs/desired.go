@@ -232,7 +232,7 @@ func (b *builder) servicePort(sp *pb.ServicePort) {
 	port := uint16(sp.GetPort())
 	cluster := b.reals(sp.GetClusterEndpoints(), f)
 	external := b.reals(sp.GetExternalEndpoints(), f)
-	for _, eps := range [][]*pb.Endpoint{sp.GetClusterEndpoints(), sp.GetExternalEndpoints()} {
+	for _, eps := range [][]*pb.Endpoint{sp.GetClusterEndpoints(), sp.GetExternalEndpoints(), sp.GetShortCircuitEndpoints()} {
 		b.loopback(eps, f, proto)
 	}
 	// One virtual server cannot tell pods from outside clients. With
@@ -241,9 +241,15 @@ func (b *builder) servicePort(sp *pb.ServicePort) {
 	// and the no-endpoint action is scoped to traffic from outside the
 	// cluster by the firewall rules (kube-proxy's IPVS mode likewise falls
 	// back to cluster endpoints, kubernetes#97081).
+	// The short-circuit list, when the table sets it (internal and
+	// external policy both Local), is the cluster-policy set upstream uses.
+	fallback := cluster
+	if sc := sp.GetShortCircuitEndpoints(); len(sc) > 0 {
+		fallback = b.reals(sc, f)
+	}
 	extAction, extScoped := sp.GetExternalNoEndpoints(), false
-	if len(external) == 0 && sp.GetExternalPolicyLocal() && len(cluster) > 0 {
-		external, extScoped = cluster, true
+	if len(external) == 0 && sp.GetExternalPolicyLocal() && len(fallback) > 0 {
+		external, extScoped = fallback, true
 	}
 	local := !sp.GetMasqueradeExternal()
 

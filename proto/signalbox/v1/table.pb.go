@@ -462,7 +462,8 @@ type ServicePort struct {
 	// no session affinity.
 	AffinityTimeoutSeconds int32 `protobuf:"varint,12,opt,name=affinity_timeout_seconds,json=affinityTimeoutSeconds,proto3" json:"affinity_timeout_seconds,omitempty"`
 	// ClusterEndpoints serve traffic from inside the cluster (to the
-	// ClusterIP, and pod traffic short-circuited from external destinations),
+	// ClusterIP, and pod traffic short-circuited from external destinations
+	// unless ShortCircuitEndpoints is set),
 	// already filtered by internalTrafficPolicy, topology hints and the
 	// terminating fallback.
 	ClusterEndpoints []*Endpoint `protobuf:"bytes,13,rep,name=cluster_endpoints,json=clusterEndpoints,proto3" json:"cluster_endpoints,omitempty"`
@@ -472,7 +473,8 @@ type ServicePort struct {
 	ExternalEndpoints []*Endpoint `protobuf:"bytes,14,rep,name=external_endpoints,json=externalEndpoints,proto3" json:"external_endpoints,omitempty"`
 	// ExternalPolicyLocal is externalTrafficPolicy Local: external traffic goes
 	// to ExternalEndpoints only, keeping the client source address, while
-	// traffic from inside the cluster is short-circuited to ClusterEndpoints.
+	// traffic from inside the cluster is short-circuited to
+	// ShortCircuitEndpoints (ClusterEndpoints when that is empty).
 	ExternalPolicyLocal bool `protobuf:"varint,15,opt,name=external_policy_local,json=externalPolicyLocal,proto3" json:"external_policy_local,omitempty"`
 	// InternalPolicyLocal is internalTrafficPolicy Local.
 	InternalPolicyLocal bool `protobuf:"varint,16,opt,name=internal_policy_local,json=internalPolicyLocal,proto3" json:"internal_policy_local,omitempty"`
@@ -489,8 +491,17 @@ type ServicePort struct {
 	// MasqueradeExternal is true when external traffic must be masqueraded
 	// (externalTrafficPolicy Cluster).
 	MasqueradeExternal bool `protobuf:"varint,21,opt,name=masquerade_external,json=masqueradeExternal,proto3" json:"masquerade_external,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// ShortCircuitEndpoints serve pod- and node-originated traffic to the
+	// external destinations (NodePort, externalIPs, load balancer IPs) of an
+	// externalTrafficPolicy Local service: upstream's Cluster-policy
+	// endpoints, subject to neither traffic policy but filtered by topology
+	// hints and the terminating fallback. Set only when they differ from
+	// ClusterEndpoints, i.e. under internalTrafficPolicy Local with
+	// externalTrafficPolicy Local on an externally accessible port; empty
+	// means "use ClusterEndpoints".
+	ShortCircuitEndpoints []*Endpoint `protobuf:"bytes,22,rep,name=short_circuit_endpoints,json=shortCircuitEndpoints,proto3" json:"short_circuit_endpoints,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *ServicePort) Reset() {
@@ -670,6 +681,13 @@ func (x *ServicePort) GetMasqueradeExternal() bool {
 	return false
 }
 
+func (x *ServicePort) GetShortCircuitEndpoints() []*Endpoint {
+	if x != nil {
+		return x.ShortCircuitEndpoints
+	}
+	return nil
+}
+
 // NodeSettings carries node-wide settings that kube-proxy takes per node and
 // signalbox decides centrally (with per-agent overrides on the agent side).
 type NodeSettings struct {
@@ -772,7 +790,7 @@ const file_signalbox_v1_table_proto_rawDesc = "" +
 	"\x02ip\x18\x01 \x01(\tR\x02ip\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\x05R\x04port\x12 \n" +
 	"\vterminating\x18\x03 \x01(\bR\vterminating\x12\x14\n" +
-	"\x05local\x18\x04 \x01(\bR\x05local\"\xb9\b\n" +
+	"\x05local\x18\x04 \x01(\bR\x05local\"\x89\t\n" +
 	"\vServicePort\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1b\n" +
@@ -796,7 +814,8 @@ const file_signalbox_v1_table_proto_rawDesc = "" +
 	"\x15local_ready_endpoints\x18\x12 \x01(\x05R\x13localReadyEndpoints\x12Q\n" +
 	"\x14cluster_no_endpoints\x18\x13 \x01(\x0e2\x1f.signalbox.v1.NoEndpointsActionR\x12clusterNoEndpoints\x12S\n" +
 	"\x15external_no_endpoints\x18\x14 \x01(\x0e2\x1f.signalbox.v1.NoEndpointsActionR\x13externalNoEndpoints\x12/\n" +
-	"\x13masquerade_external\x18\x15 \x01(\bR\x12masqueradeExternal\"\xbb\x01\n" +
+	"\x13masquerade_external\x18\x15 \x01(\bR\x12masqueradeExternal\x12N\n" +
+	"\x17short_circuit_endpoints\x18\x16 \x03(\v2\x16.signalbox.v1.EndpointR\x15shortCircuitEndpoints\"\xbb\x01\n" +
 	"\fNodeSettings\x12#\n" +
 	"\rcluster_cidrs\x18\x01 \x03(\tR\fclusterCidrs\x12%\n" +
 	"\x0emasquerade_all\x18\x02 \x01(\bR\rmasqueradeAll\x12.\n" +
@@ -842,20 +861,21 @@ var file_signalbox_v1_table_proto_goTypes = []any{
 	(*NodeSettings)(nil),        // 7: signalbox.v1.NodeSettings
 }
 var file_signalbox_v1_table_proto_depIdxs = []int32{
-	6, // 0: signalbox.v1.Resource.service_port:type_name -> signalbox.v1.ServicePort
-	7, // 1: signalbox.v1.Resource.node_settings:type_name -> signalbox.v1.NodeSettings
-	0, // 2: signalbox.v1.ServicePort.family:type_name -> signalbox.v1.IPFamily
-	1, // 3: signalbox.v1.ServicePort.protocol:type_name -> signalbox.v1.Protocol
-	4, // 4: signalbox.v1.ServicePort.load_balancer_ingress:type_name -> signalbox.v1.LoadBalancerIngress
-	5, // 5: signalbox.v1.ServicePort.cluster_endpoints:type_name -> signalbox.v1.Endpoint
-	5, // 6: signalbox.v1.ServicePort.external_endpoints:type_name -> signalbox.v1.Endpoint
-	2, // 7: signalbox.v1.ServicePort.cluster_no_endpoints:type_name -> signalbox.v1.NoEndpointsAction
-	2, // 8: signalbox.v1.ServicePort.external_no_endpoints:type_name -> signalbox.v1.NoEndpointsAction
-	9, // [9:9] is the sub-list for method output_type
-	9, // [9:9] is the sub-list for method input_type
-	9, // [9:9] is the sub-list for extension type_name
-	9, // [9:9] is the sub-list for extension extendee
-	0, // [0:9] is the sub-list for field type_name
+	6,  // 0: signalbox.v1.Resource.service_port:type_name -> signalbox.v1.ServicePort
+	7,  // 1: signalbox.v1.Resource.node_settings:type_name -> signalbox.v1.NodeSettings
+	0,  // 2: signalbox.v1.ServicePort.family:type_name -> signalbox.v1.IPFamily
+	1,  // 3: signalbox.v1.ServicePort.protocol:type_name -> signalbox.v1.Protocol
+	4,  // 4: signalbox.v1.ServicePort.load_balancer_ingress:type_name -> signalbox.v1.LoadBalancerIngress
+	5,  // 5: signalbox.v1.ServicePort.cluster_endpoints:type_name -> signalbox.v1.Endpoint
+	5,  // 6: signalbox.v1.ServicePort.external_endpoints:type_name -> signalbox.v1.Endpoint
+	2,  // 7: signalbox.v1.ServicePort.cluster_no_endpoints:type_name -> signalbox.v1.NoEndpointsAction
+	2,  // 8: signalbox.v1.ServicePort.external_no_endpoints:type_name -> signalbox.v1.NoEndpointsAction
+	5,  // 9: signalbox.v1.ServicePort.short_circuit_endpoints:type_name -> signalbox.v1.Endpoint
+	10, // [10:10] is the sub-list for method output_type
+	10, // [10:10] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_signalbox_v1_table_proto_init() }
